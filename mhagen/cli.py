@@ -1,0 +1,181 @@
+"""The `mhagen` command line: build, verify, targets (and more as stages grow).
+
+Every error mhagen raises on purpose prints as one line (`mhagen: error: ...`) with exit code 2;
+a verify mismatch exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import CompileError, MhagenError
+
+EXIT_MISMATCH = 1
+EXIT_ERROR = 2
+
+
+def _weights_arg(spec_path: str, value: str | None) -> Any:
+    """`--weights FILE`, else a sidecar `SPEC.npz` / `SPEC.safetensors` beside the spec, else None."""
+    from .weights_io import load_weights_file
+
+    if value:
+        return load_weights_file(value)
+    base = Path(spec_path)
+    for suffix in (".npz", ".safetensors"):
+        candidate = base.with_suffix(suffix)
+        if candidate.is_file():
+            return load_weights_file(candidate)
+    return None
+
+
+def _targets_arg(args: argparse.Namespace) -> list[Any]:
+    from .targets import parse_targets
+
+    value = args.targets or args.target or "cpu"
+    return parse_targets(value)
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .targets import all_targets, availability
+
+    table = Table(title="mhagen targets")
+    for col in ("target", "backend", "driver", "compiles here", "runs here", "description"):
+        table.add_column(col)
+    rows = []
+    for name, target in sorted(all_targets().items()):
+        a = availability(target)
+        compiles = "yes" if a.compiles else f"no: {a.compile_reason}"
+        runs = f"yes ({a.run_reason})" if a.runs else f"no: {a.run_reason}"
+        table.add_row(name, target.backend, target.driver, compiles, runs, target.description)
+        rows.append({**target.to_dict(), "compiles": a.compiles, "compile_reason": a.compile_reason,
+                     "runs": a.runs, "run_reason": a.run_reason})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        Console(width=200).print(table)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .spec import Spec
+    from .verify import tolerance, verify_matrix
+
+    spec = Spec.load(args.spec)
+    weights = _weights_arg(args.spec, args.weights)
+    targets = _targets_arg(args)
+    console = Console(stderr=True)
+
+    def progress(name: str, stage: str) -> None:
+        console.print(f"[dim]{name}: {stage}...[/dim]")
+
+    rows = verify_matrix(spec, targets, weights, seed=args.seed, on_progress=progress)
+    tol = tolerance(spec)
+    table = Table(title=f"mhagen verify {args.spec} ({spec.call.dtype}, atol {tol.atol:g}, rtol {tol.rtol:g})")
+    for col in ("target", "compiled", "ran", "max abs err", "max rel err", "result"):
+        table.add_column(col)
+    for r in rows:
+        compiled = f"{r.size / 1024:.0f} KiB, {r.compile_seconds:.1f} s{' (cached)' if r.cached else ''}" \
+            if r.compiled else f"no: {r.reason}"
+        ran = "yes" if r.ran else ("no" if not r.compiled else f"no: {r.reason}")
+        table.add_row(r.target, compiled, ran,
+                      "" if r.max_abs is None else f"{r.max_abs:.3g}",
+                      "" if r.max_rel is None else f"{r.max_rel:.3g}", r.status)
+    Console(width=200).print(table)
+    for r in rows:
+        if r.ran and not r.passed:
+            print(f"{r.target}: {r.message or r.reason}", file=sys.stderr)
+    if args.json:
+        payload = {"spec": spec.to_dict(), "dtype": spec.call.dtype,
+                   "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
+                   "results": [r.to_dict() for r in rows]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    failed = [r for r in rows if (r.ran and not r.passed) or not r.compiled]
+    return EXIT_MISMATCH if failed else 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .bundle import build_bundle
+    from .spec import Spec
+
+    spec = Spec.load(args.spec)
+    weights = _weights_arg(args.spec, args.weights if args.weights != "inline" else None)
+    targets = _targets_arg(args)
+    out = build_bundle(spec, targets, args.out, weights=weights,
+                       weights_mode="inline" if args.weights == "inline" else args.weights_mode,
+                       verify=not args.no_verify, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mhagen", description="Compile Keras MultiHeadAttention ahead of time with IREE, per "
+        "hardware target, and verify every build against a NumPy oracle.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show full diagnostics on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def target_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", help="one target name (see `mhagen targets`)")
+        p.add_argument("--targets", help="comma-separated target names, or `all`")
+
+    p = sub.add_parser("build", help="compile a spec into a deployable bundle directory")
+    p.add_argument("spec", help="spec TOML file")
+    target_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--weights", help="weights file (.npz/.safetensors), or `inline` to bake the "
+                   "(sidecar or initialized) weights into the modules as constants")
+    p.add_argument("--weights-mode", default="parameters", choices=["parameters", "inline"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--no-verify", action="store_true", help="skip running the oracle check")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("verify", help="compile, run on seeded inputs, compare with the NumPy oracle")
+    p.add_argument("spec", help="spec TOML file")
+    target_args(p)
+    p.add_argument("--weights", help="weights file (.npz/.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_targets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CompileError as exc:
+        print(f"mhagen: error: {exc.summary}", file=sys.stderr)
+        if args.verbose:
+            print(exc.diagnostics, file=sys.stderr)
+        print("mhagen: (rerun with -v for the diagnostics; set IREE_SAVE_TEMPS=DIR to keep reproducers)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except MhagenError as exc:
+        print(f"mhagen: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mhagen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")[0:1]) if text else "unknown error"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

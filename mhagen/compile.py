@@ -1,0 +1,108 @@
+"""Stage 4, the compile: StableHLO text -> IREE VM flatbuffer (.vmfb) for one target.
+
+Compiles go through a content-addressed cache keyed on the program, the flags and the compiler
+version, so an unchanged rebuild costs a file read. The cache lives in `MHAGEN_CACHE_DIR`
+(default `~/.cache/mhagen`); `MHAGEN_CACHE_DIR=off` disables it.
+
+    vmfb = compile_program(program.text, get_target("cpu"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CompileError, TargetError
+from .targets import Target, compile_flags, get_target
+
+__all__ = ["Compiled", "compile_program", "compiler_version", "cache_dir", "check_dtype"]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled module and how it was made."""
+
+    vmfb: bytes
+    target: Target
+    flags: tuple[str, ...]
+    seconds: float
+    cached: bool
+    key: str
+
+
+def compiler_version() -> str:
+    try:
+        return importlib.metadata.version("iree-base-compiler")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get("MHAGEN_CACHE_DIR", "")
+    if value.lower() == "off":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "mhagen"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_dtype(target: Target, dtype: str) -> None:
+    """Refuse, before compiling, a compute dtype the target cannot do."""
+    if dtype not in target.dtypes:
+        raise TargetError(f"Target `{target.name}` cannot compute in {dtype}: it supports "
+                          f"{', '.join(target.dtypes)}; pick another target or dtype")
+
+
+def compile_program(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> Compiled:
+    """Compile StableHLO `text` for `target`. Raises `CompileError` with the diagnostics."""
+    target = get_target(target)
+    flags = compile_flags(target) + list(extra_flags or [])
+    key = hashlib.sha256("\0".join([compiler_version(), *flags, text]).encode()).hexdigest()
+    cache = cache_dir()
+    cached_path = cache / f"{key}.vmfb" if cache else None
+    if cached_path is not None and cached_path.is_file():
+        return Compiled(cached_path.read_bytes(), target, tuple(flags), 0.0, True, key)
+
+    from iree.compiler import tools
+    from iree.compiler.tools.binaries import CompilerToolError
+
+    start = time.perf_counter()
+    try:
+        vmfb = tools.compile_str(text, input_type="stablehlo", extra_args=flags)
+    except CompilerToolError as exc:
+        diagnostics = _trim(str(exc))
+        raise CompileError(f"IREE failed to compile for target `{target.name}` ({target.backend})",
+                           command=["iree-compile", "--iree-input-type=stablehlo", *flags],
+                           diagnostics=diagnostics) from None
+    seconds = time.perf_counter() - start
+    if cached_path is not None:
+        try:
+            _atomic_write(cached_path, vmfb)
+        except OSError:
+            pass  # a read-only or full cache directory only costs speed
+    return Compiled(vmfb, target, tuple(flags), seconds, False, key)
+
+
+def _trim(text: str, limit: int = 40) -> str:
+    """Keep the compiler's error lines, not its whole IR dump."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    chosen = errors or lines
+    if len(chosen) > limit:
+        chosen = chosen[:limit] + [f"... ({len(chosen) - limit} more lines)"]
+    return "\n".join(chosen)

@@ -1,0 +1,125 @@
+"""The NumPy oracle: an independent float64 implementation of Keras 3's MultiHeadAttention.
+
+It must not import JAX and shares no code with the tracer: where the tracer writes Keras' einsum
+equations, the oracle moves axes with transposes and multiplies with `matmul` / `tensordot`.
+It reads only the spec's layer arguments and the arrays themselves.
+
+    out = reference(spec, weights, query, value)            # (B, T, E), float64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import CallError
+from .spec import Spec
+
+__all__ = ["reference"]
+
+
+def _names(use_bias: bool, use_gate: bool) -> list[str]:
+    groups = ["query", "key"] + (["gate"] if use_gate else []) + ["value", "attention_output"]
+    return [f"{g}/{p}" for g in groups for p in (("kernel", "bias") if use_bias else ("kernel",))]
+
+
+def _float64(x: Any) -> np.ndarray:
+    return np.asarray(x).astype(np.float64)
+
+
+def reference(
+    spec: Spec,
+    weights: Sequence[Any] | Mapping[str, Any],
+    query: Any,
+    value: Any,
+    key: Any = None,
+    attention_mask: Any = None,
+    *,
+    dropout_keep: Any = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Keras MHA forward in float64. Returns the output, or (output, scores) when the spec asks.
+
+    `dropout_keep` is the boolean keep-mask over the scores (B, N, T, S) used when the spec trains
+    with dropout; without it, no dropout is applied.
+    """
+    layer, call = spec.layer, spec.call
+    names = _names(layer.use_bias, layer.use_gate)
+    if isinstance(weights, Mapping):
+        w = {n: _float64(weights[n]) for n in names}
+    else:
+        w = dict(zip(names, (_float64(a) for a in weights)))
+    q, v = _float64(query), _float64(value)
+    k = v if key is None else _float64(key)
+    r = q.ndim
+    axes = list(range(1, r - 1)) if layer.attention_axes is None else [
+        a if a >= 0 else r + a for a in layer.attention_axes]
+    batch = [a for a in range(r - 1) if a not in axes]
+
+    def project(x: np.ndarray, name: str) -> np.ndarray:  # (..., D) -> (..., N, H)
+        out = np.tensordot(x, w[f"{name}/kernel"], axes=([-1], [0]))
+        return out + w[f"{name}/bias"] if layer.use_bias else out
+
+    # Projected layout (..., N, H) has heads at r-1 and features at r; bring it to
+    # (*batch, N, *attended, H) and flatten the attended axes into one.
+    perm = batch + [r - 1] + axes + [r]
+
+    def heads_first(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        moved = x.transpose(perm)
+        lead = moved.shape[: len(batch) + 1]
+        attended = moved.shape[len(batch) + 1: -1]
+        return moved.reshape(lead + (int(np.prod(attended)), moved.shape[-1])), attended
+
+    qh, t_dims = heads_first(project(q, "query") / np.sqrt(layer.key_dim))
+    kh, s_dims = heads_first(project(k, "key"))
+    vh, _ = heads_first(project(v, "value"))
+    scores = qh @ np.swapaxes(kh, -1, -2)                      # (*batch, N, Lq, Lk)
+    lead = scores.shape[:-2]
+    full = lead + t_dims + s_dims                              # Keras' scores layout
+
+    allowed = np.ones(full, dtype=bool)
+    if attention_mask is not None:
+        m = np.asarray(attention_mask) != 0
+        insert_at = -2 * len(axes) - 1
+        while m.ndim < len(full):
+            m = np.expand_dims(m, m.ndim + 1 + insert_at)
+        try:
+            allowed &= np.broadcast_to(m, full)
+        except ValueError:
+            raise CallError(f"attention_mask of shape {np.shape(attention_mask)} does not broadcast "
+                            f"to the scores {full}") from None
+    if call.use_causal_mask or layer.sliding_window is not None:
+        # Single attention axis (the spec enforces it): rows index queries, columns keys.
+        i = np.arange(full[-2])[:, None]
+        j = np.arange(full[-1])[None, :]
+        band = np.ones((full[-2], full[-1]), dtype=bool)
+        if call.use_causal_mask:
+            band &= i >= j
+        if layer.sliding_window is not None:
+            band &= np.abs(i - j) < layer.sliding_window
+        allowed &= band
+    allowed = allowed.reshape(scores.shape)
+
+    shifted = np.where(allowed, scores, -np.inf)
+    peak = shifted.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    e = np.where(allowed, np.exp(shifted - peak), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    probs = np.divide(e, total, out=np.zeros_like(e), where=total > 0)  # fully masked rows stay 0
+
+    used = probs
+    if dropout_keep is not None and layer.dropout > 0:
+        keep = np.asarray(dropout_keep, dtype=bool).reshape(probs.shape)
+        used = np.where(keep, probs / (1.0 - layer.dropout), 0.0)
+
+    context = used @ vh                                        # (*batch, N, Lq, Hv)
+    context = context.reshape(lead + t_dims + (context.shape[-1],)).transpose(np.argsort(perm))
+    if layer.use_gate:
+        context = context * (1.0 / (1.0 + np.exp(-project(q, "gate"))))
+    out = np.tensordot(context, w["attention_output/kernel"], axes=([-2, -1], [0, 1]))
+    if layer.use_bias:
+        out = out + w["attention_output/bias"]
+    if call.return_attention_scores:
+        return out, probs.reshape(full)
+    return out

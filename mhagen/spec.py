@@ -1,0 +1,616 @@
+"""Stage 1, the spec: what layer to build (Keras constructor arguments) and how it is called.
+
+A `Spec` is a frozen pair of `LayerSpec` (every `keras.layers.MultiHeadAttention` constructor argument)
+and `CallSpec` (input shapes, dtype, masks, causal, scores, training). It is validated when built,
+round-trips through `to_dict()` / `from_dict()` and through its TOML file form.
+
+    spec = Spec.load("examples/encoder.toml")
+    spec.geometry.scores_shape        # (B, N, T, S) for 3-D inputs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import SpecError, invalid
+
+__all__ = ["Spec", "LayerSpec", "CallSpec", "Geometry", "DType", "KNOWN_INITIALIZERS"]
+
+
+class DType(enum.Enum):
+    """Call dtypes; values are the spellings used in specs (and Keras policy names)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    MIXED_FLOAT16 = "mixed_float16"
+    MIXED_BFLOAT16 = "mixed_bfloat16"
+
+    @classmethod
+    def parse(cls, value: object) -> "DType":
+        for member in cls:
+            if value == member.value:
+                return member
+        options = ", ".join(repr(m.value) for m in cls)
+        raise invalid("dtype", f"one of {options}", value)
+
+    @property
+    def compute(self) -> str:
+        """The dtype the math runs in (and inputs and outputs come in)."""
+        return {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(self.value, self.value)
+
+    @property
+    def variable(self) -> str:
+        """The dtype weights are stored in: float32 under a mixed policy, as Keras does."""
+        return "float32" if self.value.startswith("mixed_") else self.value
+
+
+KNOWN_INITIALIZERS = (
+    "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
+    "zeros", "ones", "random_uniform", "random_normal", "truncated_normal", "orthogonal", "constant",
+)
+# Keras class names as `get_config()` serializes them, mapped to the snake-case names above.
+_INITIALIZER_CLASSES = {
+    "GlorotUniform": "glorot_uniform", "GlorotNormal": "glorot_normal", "HeUniform": "he_uniform",
+    "HeNormal": "he_normal", "LecunUniform": "lecun_uniform", "LecunNormal": "lecun_normal",
+    "Zeros": "zeros", "Ones": "ones", "RandomUniform": "random_uniform", "RandomNormal": "random_normal",
+    "TruncatedNormal": "truncated_normal", "Orthogonal": "orthogonal", "Constant": "constant",
+}
+
+_LAYER_KEYS = (
+    "num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape", "attention_axes",
+    "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
+    "activity_regularizer", "kernel_constraint", "bias_constraint", "seed", "use_gate", "sliding_window",
+)
+_CALL_KEYS = (
+    "query", "value", "key", "dtype", "attention_mask", "use_causal_mask", "return_attention_scores",
+    "training", "dynamic", "max_batch", "max_seq",
+)
+DYNAMIC_DIMS = ("batch", "seq")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        raise invalid(name, "a positive integer", value)
+    return int(value)  # type: ignore[arg-type]
+
+
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(name, "true or false", value)
+    return value
+
+
+def _shape(name: str, value: object, *, min_rank: int = 1) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise invalid(name, f"a shape: a list of at least {min_rank} positive integers", value)
+    if len(value) < min_rank or not all(_is_int(d) and d > 0 for d in value):
+        raise invalid(name, f"a shape: a list of at least {min_rank} positive integers", value)
+    return tuple(int(d) for d in value)
+
+
+def _strip_none(value: Any) -> Any:
+    """Drop None entries recursively: TOML has no null, and absent means None in a spec."""
+    if isinstance(value, Mapping):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def _initializer(name: str, value: object) -> str | dict[str, Any]:
+    """Normalize an initializer: a snake-case name, or {"class_name": ..., "config": {...}}."""
+    if isinstance(value, str):
+        key = _INITIALIZER_CLASSES.get(value, value)
+        if key not in KNOWN_INITIALIZERS:
+            raise invalid(name, f"one of {', '.join(KNOWN_INITIALIZERS)}", value)
+        return key
+    if isinstance(value, Mapping) and "class_name" in value:
+        cls_name = value["class_name"]
+        key = _INITIALIZER_CLASSES.get(cls_name, cls_name)
+        if key not in KNOWN_INITIALIZERS:
+            raise invalid(name, f"one of {', '.join(KNOWN_INITIALIZERS)}", cls_name)
+        config = _strip_none(dict(value.get("config") or {}))
+        return {"class_name": key, "config": config} if config else key
+    raise invalid(name, "an initializer name or a {class_name, config} table", value)
+
+
+def _passthrough(name: str, value: object) -> Any:
+    """Regularizers and constraints: kept and reported, never applied (they do not change inference)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return _strip_none(dict(value))
+    raise invalid(name, "None, a name, or a {class_name, config} table", value)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Every argument of `keras.layers.MultiHeadAttention`, validated by Keras' rules."""
+
+    num_heads: int
+    key_dim: int
+    value_dim: int | None = None
+    dropout: float = 0.0
+    use_bias: bool = True
+    output_shape: tuple[int, ...] | None = None
+    attention_axes: tuple[int, ...] | None = None
+    kernel_initializer: Any = "glorot_uniform"
+    bias_initializer: Any = "zeros"
+    kernel_regularizer: Any = None
+    bias_regularizer: Any = None
+    activity_regularizer: Any = None
+    kernel_constraint: Any = None
+    bias_constraint: Any = None
+    seed: int | None = None
+    use_gate: bool = False
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        put = functools.partial(object.__setattr__, self)
+        put("num_heads", _positive_int("num_heads", self.num_heads))
+        put("key_dim", _positive_int("key_dim", self.key_dim))
+        if self.value_dim is not None:
+            put("value_dim", _positive_int("value_dim", self.value_dim))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+            0.0 <= float(self.dropout) < 1.0
+        ):
+            raise invalid("dropout", "a number in [0, 1)", self.dropout)
+        put("dropout", float(self.dropout))
+        put("use_bias", _boolean("use_bias", self.use_bias))
+        put("use_gate", _boolean("use_gate", self.use_gate))
+        put("output_shape", self._parse_output_shape(self.output_shape))
+        put("attention_axes", self._parse_attention_axes(self.attention_axes))
+        put("kernel_initializer", _initializer("kernel_initializer", self.kernel_initializer))
+        put("bias_initializer", _initializer("bias_initializer", self.bias_initializer))
+        for name in ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
+                     "kernel_constraint", "bias_constraint"):
+            put(name, _passthrough(name, getattr(self, name)))
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise invalid("seed", "None or a non-negative integer", self.seed)
+        if self.sliding_window is not None:
+            put("sliding_window", _positive_int("sliding_window", self.sliding_window))
+
+    @staticmethod
+    def _parse_output_shape(value: object) -> tuple[int, ...] | None:
+        if value is None or value == 0 or (isinstance(value, (list, tuple)) and len(value) == 0):
+            return None
+        if _is_int(value) and value > 0:  # type: ignore[operator]
+            return (int(value),)  # type: ignore[arg-type]
+        if isinstance(value, (list, tuple)) and all(_is_int(d) and d > 0 for d in value):
+            return tuple(int(d) for d in value)
+        raise invalid("output_shape", "None, a positive integer, or a list of positive integers "
+                      "(Invalid `output_shape`)", value)
+
+    @staticmethod
+    def _parse_attention_axes(value: object) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if _is_int(value):
+            return (int(value),)  # type: ignore[arg-type]
+        if isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(a) for a in value):
+            return tuple(int(a) for a in value)
+        raise invalid("attention_axes", "an int, or a non-empty list of ints", value)
+
+    @property
+    def effective_value_dim(self) -> int:
+        return self.value_dim if self.value_dim is not None else self.key_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _LAYER_KEYS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """How the layer is called: full input shapes (batch included), dtype, masks and modes.
+
+    `attention_mask` is False (no mask input), True (a boolean input shaped like the scores without
+    the heads axis, (B, T, S) for 3-D inputs) or an explicit shape such as (B, N, T, S).
+    `dynamic` names the dims a bundle serves at any size up to `max_batch` / `max_seq`.
+    """
+
+    query: tuple[int, ...]
+    value: tuple[int, ...]
+    key: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    attention_mask: bool | tuple[int, ...] = False
+    use_causal_mask: bool = False
+    return_attention_scores: bool = False
+    training: bool = False
+    dynamic: tuple[str, ...] = ()
+    max_batch: int | None = None
+    max_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        put = functools.partial(object.__setattr__, self)
+        put("query", _shape("query", self.query, min_rank=3))
+        put("value", _shape("value", self.value, min_rank=3))
+        if self.key is not None:
+            put("key", _shape("key", self.key, min_rank=3))
+        put("dtype", DType.parse(self.dtype).value)
+        if isinstance(self.attention_mask, bool):
+            pass
+        else:
+            put("attention_mask", _shape("attention_mask", self.attention_mask, min_rank=2))
+        for name in ("use_causal_mask", "return_attention_scores", "training"):
+            put(name, _boolean(name, getattr(self, name)))
+        dyn = self.dynamic
+        if isinstance(dyn, str):
+            dyn = (dyn,)
+        if not isinstance(dyn, (list, tuple)) or any(d not in DYNAMIC_DIMS for d in dyn):
+            raise invalid("dynamic", f"a list drawn from {list(DYNAMIC_DIMS)}", self.dynamic)
+        put("dynamic", tuple(d for d in DYNAMIC_DIMS if d in dyn))
+        for name in ("max_batch", "max_seq"):
+            if getattr(self, name) is not None:
+                put(name, _positive_int(name, getattr(self, name)))
+
+    @property
+    def dtype_policy(self) -> DType:
+        return DType.parse(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _CALL_KEYS:
+            value = getattr(self, name)
+            if name == "dynamic" and not value:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes and axes derived from a spec, in Keras' conventions.
+
+    Input axes: query `(B, *T, Dq)`, value `(B, *S, Dv)`, key `(B, *S, Dk)`. The projected rank is
+    `R = rank + 1`: `(B, *T, N, H)`. `attention_axes` are input axes, sorted as the user gave them.
+    """
+
+    rank: int
+    attention_axes: tuple[int, ...]
+    batch_axes: tuple[int, ...]
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    query_shape: tuple[int, ...]
+    value_shape: tuple[int, ...]
+    key_shape: tuple[int, ...]
+    output_dims: tuple[int, ...]
+    mask_shape: tuple[int, ...] | None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.query_shape[:-1] + self.output_dims
+
+    @property
+    def scores_shape(self) -> tuple[int, ...]:
+        """Keras' product order: batch-like axes, heads, query attention axes, key attention axes."""
+        q, v = self.query_shape, self.value_shape
+        return (
+            tuple(q[a] for a in self.batch_axes)
+            + (self.num_heads,)
+            + tuple(q[a] for a in self.attention_axes)
+            + tuple(v[a] for a in self.attention_axes)
+        )
+
+    @property
+    def full_mask_shape(self) -> tuple[int, ...]:
+        """The scores shape without its heads axis: what `attention_mask = true` declares."""
+        s = self.scores_shape
+        n = len(self.batch_axes)
+        return s[:n] + s[n + 1:]
+
+    @property
+    def heads_axis(self) -> int:
+        return len(self.batch_axes)
+
+    def expand_mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Keras' mask expansion: insert unit axes at -(2k+1) until the mask has the scores' rank."""
+        out = list(shape)
+        target = len(self.scores_shape)
+        pos = -2 * len(self.attention_axes) - 1
+        while len(out) < target:
+            index = len(out) + 1 + pos
+            if index < 0:
+                break
+            out.insert(index, 1)
+        return tuple(out)
+
+    def weight_shapes(self, *, use_bias: bool, use_gate: bool) -> list[tuple[str, tuple[int, ...]]]:
+        """Weight names and shapes in Keras' `layer.get_weights()` order."""
+        n, h, hv = self.num_heads, self.key_dim, self.value_dim
+        out: list[tuple[str, tuple[int, ...]]] = []
+
+        def dense(name: str, kernel: tuple[int, ...], bias: tuple[int, ...]) -> None:
+            out.append((f"{name}/kernel", kernel))
+            if use_bias:
+                out.append((f"{name}/bias", bias))
+
+        dense("query", (self.query_shape[-1], n, h), (n, h))
+        dense("key", (self.key_shape[-1], n, h), (n, h))
+        if use_gate:
+            dense("gate", (self.query_shape[-1], n, hv), (n, hv))
+        dense("value", (self.value_shape[-1], n, hv), (n, hv))
+        dense("attention_output", (n, hv) + self.output_dims, self.output_dims)
+        return out
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) != len(target):
+        return False
+    return all(s == t or s == 1 for s, t in zip(shape, target))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A layer plus a call: everything mhagen needs to trace, compile and verify one attention layer.
+
+    `keras` holds Keras config keys that do not change inference (name, trainable, flash_attention,
+    the dtype policy as written): kept and reported, never silently dropped.
+
+        spec = Spec.load("examples/encoder.toml")
+        spec.to_dict()   # {"layer": {...}, "call": {...}}
+    """
+
+    layer: LayerSpec
+    call: CallSpec
+    keras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keras", _strip_none(dict(self.keras)))
+        _ = self.geometry  # validates the combination of layer and call
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Spec":
+        if not isinstance(data, Mapping):
+            raise invalid("spec", "a table with [layer] and [call]", type(data).__name__)
+        unknown = set(data) - {"layer", "call", "keras"}
+        if unknown:
+            raise SpecError(f"Unknown table(s) {sorted(unknown)} in spec; expected [layer], [call] "
+                            "and optionally [keras]")
+        for table in ("layer", "call"):
+            if table not in data or not isinstance(data[table], Mapping):
+                raise SpecError(f"Missing table [{table}] in spec; expected [layer] and [call]")
+        layer = _from_table(LayerSpec, "layer", data["layer"], _LAYER_KEYS)
+        call = _from_table(CallSpec, "call", data["call"], _CALL_KEYS)
+        keras = data.get("keras", {})
+        if not isinstance(keras, Mapping):
+            raise invalid("keras", "a table", keras)
+        return cls(layer=layer, call=call, keras=keras)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>") -> "Spec":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"{source}: malformed TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Spec":
+        """Read a spec from a TOML file with `[layer]` and `[call]` tables."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SpecError(f"Spec file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"Cannot read spec file {path}: {exc}") from None
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def from_keras_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        query_shape: Sequence[int],
+        value_shape: Sequence[int],
+        key_shape: Sequence[int] | None = None,
+        dtype: str | None = None,
+        attention_mask: bool | Sequence[int] = False,
+        use_causal_mask: bool = False,
+        return_attention_scores: bool = False,
+        training: bool = False,
+    ) -> "Spec":
+        """Build a spec from `layer.get_config()` of a Keras 3 MultiHeadAttention, unchanged.
+
+        `dtype=None` takes the config's own dtype policy (a name, or a serialized DTypePolicy),
+        else float32. Keys that do not change inference are kept in `spec.keras`.
+        """
+        if not isinstance(config, Mapping):
+            raise invalid("config", "the dict from layer.get_config()", type(config).__name__)
+        layer_args = {k: config[k] for k in _LAYER_KEYS if k in config}
+        extras = {k: v for k, v in config.items() if k not in _LAYER_KEYS}
+        if dtype is None:
+            dtype = _policy_name(config.get("dtype")) or "float32"
+        if "num_heads" not in layer_args or "key_dim" not in layer_args:
+            raise SpecError("Keras config lacks `num_heads` or `key_dim`; expected the dict from "
+                            "MultiHeadAttention.get_config()")
+        layer = LayerSpec(**layer_args)
+        call = CallSpec(
+            query=tuple(query_shape), value=tuple(value_shape),
+            key=None if key_shape is None else tuple(key_shape), dtype=dtype,
+            attention_mask=attention_mask if isinstance(attention_mask, bool) else tuple(attention_mask),
+            use_causal_mask=use_causal_mask, return_attention_scores=return_attention_scores,
+            training=training,
+        )
+        return cls(layer=layer, call=call, keras=extras)
+
+    # ---- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layer": self.layer.to_dict(), "call": self.call.to_dict()}
+        if self.keras:
+            out["keras"] = dict(self.keras)
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, *, layer: dict[str, Any] | None = None, call: dict[str, Any] | None = None) -> "Spec":
+        """A copy with some layer and/or call fields changed (validated again)."""
+        return Spec(
+            layer=dataclasses.replace(self.layer, **(layer or {})),
+            call=dataclasses.replace(self.call, **(call or {})),
+            keras=self.keras,
+        )
+
+    # ---- derived ------------------------------------------------------------------------------
+    @functools.cached_property
+    def geometry(self) -> Geometry:
+        return _geometry(self.layer, self.call)
+
+    @property
+    def has_dropout(self) -> bool:
+        """The compiled function takes a dropout key input."""
+        return self.call.training and self.layer.dropout > 0
+
+    @property
+    def has_mask(self) -> bool:
+        return self.call.attention_mask is not False
+
+    @property
+    def has_key(self) -> bool:
+        return self.call.key is not None
+
+    @property
+    def ignored_keys(self) -> dict[str, Any]:
+        """Arguments kept in the spec that do not change the forward pass, for reporting."""
+        out = {n: getattr(self.layer, n) for n in (
+            "kernel_regularizer", "bias_regularizer", "activity_regularizer",
+            "kernel_constraint", "bias_constraint") if getattr(self.layer, n) is not None}
+        out.update(self.keras)
+        return out
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds of one call, counted from the spec (projections, scores, context, output)."""
+        g = self.geometry
+        tq = math.prod(g.query_shape[:-1])
+        tk = math.prod(g.value_shape[:-1])
+        n, h, hv = g.num_heads, g.key_dim, g.value_dim
+        macs = tq * g.query_shape[-1] * n * h + tk * g.key_shape[-1] * n * h + tk * g.value_shape[-1] * n * hv
+        if self.layer.use_gate:
+            macs += tq * g.query_shape[-1] * n * hv
+        scores = math.prod(g.scores_shape)
+        macs += scores * h + scores * hv
+        macs += tq * n * hv * math.prod(g.output_dims)
+        return 2 * macs
+
+
+def _from_table(cls: type, table: str, data: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise SpecError(f"Unknown key(s) {unknown} in [{table}]; expected some of: {', '.join(keys)}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in data]
+    if missing:
+        raise SpecError(f"Missing key(s) {missing} in [{table}]")
+    return cls(**dict(data))
+
+
+def _policy_name(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        cfg = value.get("config")
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("name"), str):
+            return cfg["name"]
+        if isinstance(value.get("name"), str):
+            return value["name"]
+    raise invalid("dtype", "a dtype policy name or a serialized DTypePolicy", value)
+
+
+def _geometry(layer: LayerSpec, call: CallSpec) -> Geometry:
+    q, v = call.query, call.value
+    k = call.key if call.key is not None else v
+    rank = len(q)
+    if len(v) != rank:
+        raise SpecError(f"`query` and `value` must have the same rank. Received: query_shape={q} "
+                        f"and value_shape={v}")
+    if k[:-1] != v[:-1]:
+        raise SpecError("All dimensions of `value` and `key`, except the last one, must be equal. "
+                        f"Received: value_shape={v} and key_shape={k}")
+    proj_rank = rank + 1
+    if layer.attention_axes is None:
+        axes = tuple(range(1, rank - 1))
+    else:
+        # Keras normalizes negative axes against the projected rank: a -> (R - 1) + a.
+        axes = tuple(a if a >= 0 else (proj_rank - 1) + a for a in layer.attention_axes)
+    if len(set(axes)) != len(axes) or any(not 1 <= a <= rank - 2 for a in axes):
+        raise invalid("attention_axes",
+                      f"distinct axes of the {rank}-D input other than batch (0) and features "
+                      f"({rank - 1}), i.e. within [1, {rank - 2}] or [{-(rank - 1)}, -2]",
+                      list(layer.attention_axes or ()))
+    batch_axes = tuple(a for a in range(rank - 1) if a not in axes)
+    for a in batch_axes:
+        if q[a] != v[a]:
+            raise SpecError(f"`query` and `value` must agree on every axis that is not attended over "
+                            f"or features; axis {a} differs. Received: query_shape={q} and value_shape={v}")
+    if call.use_causal_mask or layer.sliding_window is not None:
+        what = "use_causal_mask" if call.use_causal_mask else "sliding_window"
+        if axes != (1,):
+            raise SpecError(f"`{what}` masks along input axis 1, as Keras does, so it needs "
+                            f"attention_axes=(1,); received attention_axes={list(axes)}")
+    if call.training and layer.dropout > 0 and call.dynamic:
+        raise SpecError("training with dropout and a dynamic shape cannot be combined: the dropout "
+                        "key must cover a fixed shape")
+    output_dims = layer.output_shape if layer.output_shape is not None else (q[-1],)
+    geo = Geometry(
+        rank=rank, attention_axes=axes, batch_axes=batch_axes, num_heads=layer.num_heads,
+        key_dim=layer.key_dim, value_dim=layer.effective_value_dim, query_shape=q, value_shape=v,
+        key_shape=k, output_dims=output_dims, mask_shape=None,
+    )
+    if call.attention_mask is True:
+        mask_shape: tuple[int, ...] | None = geo.full_mask_shape
+    elif call.attention_mask is False:
+        mask_shape = None
+    else:
+        mask_shape = tuple(call.attention_mask)
+        expanded = geo.expand_mask_shape(mask_shape)
+        if not _broadcasts(expanded, geo.scores_shape):
+            raise invalid("attention_mask",
+                          f"a shape that broadcasts to the scores {geo.scores_shape} after Keras' "
+                          f"mask expansion (e.g. {geo.full_mask_shape})", list(mask_shape))
+    if call.dynamic:
+        _check_dynamic(call, geo, mask_shape)
+    return dataclasses.replace(geo, mask_shape=mask_shape)
+
+
+def _check_dynamic(call: CallSpec, geo: Geometry, mask_shape: tuple[int, ...] | None) -> None:
+    if "seq" in call.dynamic and (geo.attention_axes != (1,)):
+        raise SpecError("`dynamic` seq needs attention_axes=(1,): the sequence axis is input axis 1")
+    if mask_shape is not None and mask_shape != geo.full_mask_shape:
+        raise SpecError(f"a dynamic spec declares its mask as `attention_mask = true` "
+                        f"({geo.full_mask_shape}); received {list(mask_shape)}")
+    if "batch" in call.dynamic and call.max_batch is None:
+        raise SpecError("`dynamic` includes batch, so [call] needs `max_batch`")
+    if "seq" in call.dynamic and call.max_seq is None:
+        raise SpecError("`dynamic` includes seq, so [call] needs `max_seq`")

@@ -1,0 +1,191 @@
+"""Hardware targets as data: one TOML file per target in `targets/`.
+
+A target names an IREE backend, its compiler flags and the runtime driver that executes it. A user
+adds a target by adding a file (to the project's `targets/`, or to a directory named in
+`MHAGEN_TARGETS_PATH`).
+
+    t = get_target("cpu")
+    compile_flags(t)       # ['--iree-hal-target-backends=llvm-cpu', '--iree-llvmcpu-target-cpu=host']
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TargetError
+
+__all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flags", "host_arch",
+           "Availability", "availability", "data_dir"]
+
+_KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
+         "cpu_features", "device_hint"}
+_BACKENDS = ("llvm-cpu", "vmvx", "vulkan-spirv", "cuda", "rocm", "metal-spirv")
+
+
+def data_dir(name: str) -> Path:
+    """`targets/` or `templates/`: inside the installed package, else beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data" / name, here.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise TargetError(f"mhagen's `{name}/` directory is missing from the installation ({here})")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One hardware target. `arch` is the CPU architecture code runs on: a name, "host" or "any"."""
+
+    name: str
+    description: str
+    backend: str
+    driver: str
+    flags: tuple[str, ...] = ()
+    arch: str = "any"
+    dtypes: tuple[str, ...] = ("float32",)
+    refused: str | None = None
+    cpu_features: tuple[str, ...] = ()
+    device_hint: str | None = None
+    source: str = field(default="", compare=False)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.backend in ("llvm-cpu", "vmvx")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "backend": self.backend,
+                "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
+                "dtypes": list(self.dtypes)}
+
+
+def _load(path: Path) -> Target:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TargetError(f"Target file {path} is unreadable: {exc}") from None
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise TargetError(f"Target file {path}: unknown key(s) {unknown}; expected some of {sorted(_KEYS)}")
+    for key in ("name", "backend", "driver"):
+        if not isinstance(data.get(key), str):
+            raise TargetError(f"Target file {path}: `{key}` must be a string")
+    if data["backend"] not in _BACKENDS:
+        raise TargetError(f"Target file {path}: backend {data['backend']!r} is not one of {list(_BACKENDS)}")
+    return Target(
+        name=data["name"], description=data.get("description", ""), backend=data["backend"],
+        driver=data["driver"], flags=tuple(data.get("flags", ())), arch=data.get("arch", "any"),
+        dtypes=tuple(data.get("dtypes", ("float32",))), refused=data.get("refused"),
+        cpu_features=tuple(data.get("cpu_features", ())), device_hint=data.get("device_hint"),
+        source=str(path),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _targets(search: tuple[str, ...]) -> dict[str, Target]:
+    out: dict[str, Target] = {}
+    for directory in search:
+        for path in sorted(Path(directory).glob("*.toml")):
+            target = _load(path)
+            out[target.name] = target
+    return out
+
+
+def _search_path() -> tuple[str, ...]:
+    extra = [p for p in os.environ.get("MHAGEN_TARGETS_PATH", "").split(os.pathsep) if p]
+    return (str(data_dir("targets")), *extra)
+
+
+def all_targets() -> dict[str, Target]:
+    """Every target by name, the project's and those in `MHAGEN_TARGETS_PATH` (which override)."""
+    return _targets(_search_path())
+
+
+def get_target(name: str | Target) -> Target:
+    """Look a target up by name; an unknown name lists the valid ones. Refused targets raise here."""
+    if isinstance(name, Target):
+        target = name
+    else:
+        targets = all_targets()
+        if name not in targets:
+            raise TargetError(f"Received an invalid value for argument `target`, expected one of "
+                              f"{', '.join(sorted(targets))}. Received: target={name!r}")
+        target = targets[name]
+    if target.refused:
+        raise TargetError(f"Target `{target.name}` is refused: {target.refused}")
+    return target
+
+
+def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
+    """`"all"`, a comma-separated string or a list of names -> targets (refused ones excluded from all)."""
+    if isinstance(value, str):
+        if value.strip() == "all":
+            return [t for t in all_targets().values() if not t.refused]
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not value:
+        raise TargetError("Received an empty target list, expected target names or `all`")
+    return [get_target(v) for v in value]
+
+
+def compile_flags(target: Target) -> list[str]:
+    """The IREE compiler flags for `target` (pure: no compiler is run)."""
+    return [f"--iree-hal-target-backends={target.backend}", *target.flags]
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_features() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Availability:
+    compiles: bool
+    compile_reason: str
+    runs: bool
+    run_reason: str
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_backends() -> frozenset[str]:
+    try:
+        from iree.compiler import tools
+
+        return frozenset(tools.query_available_targets())
+    except Exception:  # noqa: BLE001 - any failure means "no compiler here"
+        return frozenset()
+
+
+def availability(target: Target) -> Availability:
+    """Whether `target` compiles here (backend in this IREE) and runs here (arch, driver, device)."""
+    if target.refused:
+        return Availability(False, target.refused, False, "refused")
+    backends = _compiler_backends()
+    compiles = target.backend in backends
+    compile_reason = "" if compiles else f"this IREE compiler has no `{target.backend}` backend"
+    from .runtime import driver_status
+
+    arch = host_arch()
+    if target.arch not in ("any", "host", arch):
+        return Availability(compiles, compile_reason, False,
+                            f"needs a {target.arch} CPU; this machine is {arch}")
+    missing = [f for f in target.cpu_features if f not in host_cpu_features()]
+    if missing:
+        return Availability(compiles, compile_reason, False, f"this CPU lacks {', '.join(missing)}")
+    ok, reason = driver_status(target.driver)
+    return Availability(compiles, compile_reason, ok, reason)

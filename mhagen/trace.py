@@ -1,0 +1,230 @@
+"""Stage 3, the trace: spec + weights -> a JAX function written as Keras writes the layer -> StableHLO.
+
+The traced function's inputs come in a fixed order (see `input_signature`): query, value, [key],
+[attention_mask], [dropout_key], then the weights when they are arguments rather than constants.
+
+    program = trace(spec, weights)              # Program with .text (StableHLO) and .inputs
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import string
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import SpecError
+from .spec import Spec
+from .weights import normalize_weights, weight_names
+
+__all__ = ["Program", "TensorSig", "WeightsMode", "input_signature", "output_signature", "trace"]
+
+
+class WeightsMode(enum.Enum):
+    """Where the weights live in the compiled program."""
+
+    INLINE = "inline"          # constants in the program (fastest; recompile for new weights)
+    ARGUMENTS = "arguments"    # trailing function arguments
+    PARAMETERS = "parameters"  # util.globals loaded from a parameter archive at run time
+
+    @classmethod
+    def parse(cls, value: object) -> "WeightsMode":
+        for member in cls:
+            if value == member.value or value is member:
+                return member
+        raise SpecError(f"Received an invalid value for argument `weights`, expected one of "
+                        f"{[m.value for m in cls]}. Received: weights={value!r}")
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """One tensor of the call signature: name, shape (B, T, E) and dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Program:
+    """A traced program: StableHLO text plus its call signature."""
+
+    text: str
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    weights: tuple[TensorSig, ...]
+    weights_mode: WeightsMode
+
+
+def input_signature(spec: Spec) -> list[TensorSig]:
+    """The runtime inputs of the compiled function, in order (weights excluded)."""
+    g, dt = spec.geometry, spec.call.dtype_policy.compute
+    sig = [TensorSig("query", g.query_shape, dt), TensorSig("value", g.value_shape, dt)]
+    if spec.has_key:
+        sig.append(TensorSig("key", g.key_shape, dt))
+    if g.mask_shape is not None:
+        sig.append(TensorSig("attention_mask", g.mask_shape, "bool"))
+    if spec.has_dropout:
+        sig.append(TensorSig("dropout_key", (2,), "uint32"))
+    return sig
+
+
+def output_signature(spec: Spec) -> list[TensorSig]:
+    g, dt = spec.geometry, spec.call.dtype_policy.compute
+    out = [TensorSig("output", g.output_shape, dt)]
+    if spec.call.return_attention_scores:
+        out.append(TensorSig("scores", g.scores_shape, dt))
+    return out
+
+
+def _letters(n: int, offset: int = 0) -> str:
+    return string.ascii_lowercase[offset: offset + n]
+
+
+def _projection_equation(free: int, bound: int, out: int) -> str:
+    """Keras' `_build_proj_equation`: input `free+bound`, kernel `bound+out`, output `free+out`."""
+    f, b, o = _letters(free), _letters(bound, free), _letters(out, free + bound)
+    return f"{f}{b},{b}{o}->{f}{o}"
+
+
+def _attention_equations(proj_rank: int, axes: tuple[int, ...]) -> tuple[str, str]:
+    """Keras' `_build_attention_equation` over the projected rank: (dot product, combine)."""
+    target = _letters(proj_rank)
+    batch = [i for i in range(proj_rank) if i not in axes and i != proj_rank - 1]
+    source, offset = "", proj_rank
+    for i in range(proj_rank):
+        if i in batch or i == proj_rank - 1:
+            source += target[i]
+        else:
+            source += _letters(1, offset)
+            offset += 1
+    product = "".join(target[i] for i in batch) + "".join(target[i] for i in axes) + "".join(
+        source[i] for i in axes)
+    return f"{source},{target}->{product}", f"{product},{source}->{target}"
+
+
+def forward(spec: Spec) -> Callable[..., Any]:
+    """The layer as a JAX function `f(*inputs, *weights)` in Keras' own formulation."""
+    import jax
+    import jax.numpy as jnp
+
+    layer, g = spec.layer, spec.geometry
+    policy = spec.call.dtype_policy
+    compute = jnp.dtype(policy.compute)
+    r = g.rank
+    proj_rank = r + 1
+    qkv_eq = _projection_equation(r - 1, 1, 2)
+    out_eq = _projection_equation(r - 1, 2, len(g.output_dims))
+    dot_eq, combine_eq = _attention_equations(proj_rank, g.attention_axes)
+    names = weight_names(spec)
+    n_inputs = len(input_signature(spec))
+    k = len(g.attention_axes)
+    large_negative = -3e4 if compute == jnp.float16 else -1e9
+
+    def fn(*args: Any) -> Any:
+        inputs, ws = args[:n_inputs], args[n_inputs:]
+        w = {n: a.astype(compute) for n, a in zip(names, ws)}
+        it = iter(inputs)
+        query, value = next(it), next(it)
+        key = next(it) if spec.has_key else value
+        mask = next(it) if g.mask_shape is not None else None
+        dropout_key = next(it) if spec.has_dropout else None
+
+        def dense(x: Any, name: str, eq: str) -> Any:
+            y = jnp.einsum(eq, x, w[f"{name}/kernel"])
+            return y + w[f"{name}/bias"] if layer.use_bias else y
+
+        q = dense(query, "query", qkv_eq)
+        kk = dense(key, "key", qkv_eq)
+        v = dense(value, "value", qkv_eq)
+        q = q * jnp.asarray(1.0 / math.sqrt(float(layer.key_dim)), compute)
+        scores = jnp.einsum(dot_eq, kk, q)
+
+        allowed = None
+        if mask is not None:
+            m = mask
+            while m.ndim < scores.ndim:
+                m = jnp.expand_dims(m, -2 * k - 1)
+            allowed = m
+        if spec.call.use_causal_mask or layer.sliding_window is not None:
+            t, s = g.query_shape[1], g.value_shape[1]
+            rows = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=0)
+            cols = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=1)
+            band = jnp.ones((t, s), bool)
+            if spec.call.use_causal_mask:
+                band = band & (rows >= cols)
+            if layer.sliding_window is not None:
+                band = band & (jnp.abs(rows - cols) < layer.sliding_window)
+            allowed = band if allowed is None else jnp.logical_and(allowed, band)
+        softmax_axes = tuple(range(-k, 0))
+        if allowed is not None:
+            keep_f = allowed.astype(compute)
+            scores = scores + (1.0 - keep_f) * jnp.asarray(large_negative, compute)
+            probs = jax.nn.softmax(scores, axis=softmax_axes) * keep_f
+        else:
+            probs = jax.nn.softmax(scores, axis=softmax_axes)
+        used = probs
+        if dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - layer.dropout, probs.shape)
+            used = jax.lax.select(keep, probs / jnp.asarray(1.0 - layer.dropout, compute),
+                                  jnp.zeros_like(probs))
+        context = jnp.einsum(combine_eq, used, v)
+        if layer.use_gate:
+            context = context * jax.nn.sigmoid(dense(query, "gate", qkv_eq))
+        out = dense(context, "attention_output", out_eq)
+        if spec.call.return_attention_scores:
+            return out, probs
+        return out
+
+    return fn
+
+
+def _jax_dtype(name: str) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.dtype(name)
+
+
+def trace(
+    spec: Spec,
+    weights: Any = None,
+    *,
+    weights_mode: WeightsMode | str = WeightsMode.INLINE,
+) -> Program:
+    """Trace `spec` with JAX and export StableHLO text.
+
+    `weights` as for `normalize_weights` (None: `init_weights(spec)`); they become constants
+    (`inline`) or trailing arguments (`arguments`, and `parameters`, which the compile stage turns
+    into parameter-archive globals).
+    """
+    import jax
+    from jax import export
+
+    mode = WeightsMode.parse(weights_mode)
+    ws = normalize_weights(spec, weights)
+    fn = forward(spec)
+    inputs = input_signature(spec)
+    avals = [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in inputs]
+    weight_sigs = tuple(TensorSig(n, tuple(a.shape), str(a.dtype)) for n, a in zip(weight_names(spec), ws))
+    if mode is WeightsMode.INLINE:
+        consts = [np.asarray(a) for a in ws]
+
+        def closed(*xs: Any) -> Any:
+            return fn(*xs, *consts)
+
+        target = closed
+    else:
+        avals += [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in weight_sigs]
+        target = fn
+    exported = export.export(jax.jit(target), platforms=["cpu"])(*avals)
+    text = exported.mlir_module()
+    return Program(
+        text=text, inputs=tuple(inputs), outputs=tuple(output_signature(spec)),
+        weights=weight_sigs, weights_mode=mode,
+    )

@@ -1,0 +1,49 @@
+"""Shared fixtures: compiled layers are built once per session (and the compile cache is
+content-addressed, so a rerun with unchanged programs skips IREE entirely)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mhagen
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def make_spec(layer: dict, call: dict) -> mhagen.Spec:
+    return mhagen.Spec.from_dict({"layer": layer, "call": call})
+
+
+@functools.lru_cache(maxsize=None)
+def _build_cached(spec_toml: str, target: str) -> mhagen.CompiledLayer:
+    spec = mhagen.Spec.from_toml(spec_toml)
+    return mhagen.build(spec, target=target, weights=mhagen.init_weights(spec))
+
+
+def build_once(spec: mhagen.Spec, target: str = "cpu") -> mhagen.CompiledLayer:
+    """Compile and load each (spec, target) once per test session."""
+    return _build_cached(spec.to_toml(), target)
+
+
+def unit_inputs(spec: mhagen.Spec, seed: int = 0) -> dict[str, np.ndarray]:
+    from mhagen.verify import random_inputs
+
+    return random_inputs(spec, seed)
+
+
+def vulkan_available() -> tuple[bool, str]:
+    from mhagen.runtime import driver_status
+
+    return driver_status("vulkan")
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    return EXAMPLES
