@@ -176,7 +176,7 @@ class CompiledLayer:
         except ValueError:
             raise CallError(f"`attention_mask` has shape {mask.shape}, which does not broadcast to "
                             f"the declared mask {sig.shape}") from None
-        return np.ascontiguousarray(full.reshape(sig.shape))
+        return np.ascontiguousarray(full.reshape(sig.shape).astype(_np_dtype(sig.dtype)))
 
     def prepare(self, query: Any, value: Any, key: Any = None, attention_mask: Any = None, *,
                 dropout_key: Any = None) -> list[np.ndarray]:

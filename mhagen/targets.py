@@ -188,4 +188,7 @@ def availability(target: Target) -> Availability:
     if missing:
         return Availability(compiles, compile_reason, False, f"this CPU lacks {', '.join(missing)}")
     ok, reason = driver_status(target.driver)
+    if ok and target.device_hint and target.device_hint.lower() not in reason.lower():
+        return Availability(compiles, compile_reason, False,
+                            f"needs an {target.device_hint} device; `{target.driver}` has {reason}")
     return Availability(compiles, compile_reason, ok, reason)

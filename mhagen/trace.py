@@ -62,6 +62,12 @@ class Program:
     weights_mode: WeightsMode
 
 
+# The mask travels as int32 (nonzero = attend). 8-bit inputs (i1, i8, u8) broadcast wrongly on the
+# baseline Vulkan target under lavapipe when the mask's size is a multiple of 4: a (2, 8, 8) mask
+# broadcast over heads gave |err| 3.9, the same mask as int32 gives 0.
+MASK_DTYPE = "int32"
+
+
 def input_signature(spec: Spec) -> list[TensorSig]:
     """The runtime inputs of the compiled function, in order (weights excluded)."""
     g, dt = spec.geometry, spec.call.dtype_policy.compute
@@ -69,7 +75,7 @@ def input_signature(spec: Spec) -> list[TensorSig]:
     if spec.has_key:
         sig.append(TensorSig("key", g.key_shape, dt))
     if g.mask_shape is not None:
-        sig.append(TensorSig("attention_mask", g.mask_shape, "bool"))
+        sig.append(TensorSig("attention_mask", g.mask_shape, MASK_DTYPE))
     if spec.has_dropout:
         sig.append(TensorSig("dropout_key", (2,), "uint32"))
     return sig
@@ -148,7 +154,7 @@ def forward(spec: Spec) -> Callable[..., Any]:
 
         allowed = None
         if mask is not None:
-            m = mask
+            m = mask != 0
             while m.ndim < scores.ndim:
                 m = jnp.expand_dims(m, -2 * k - 1)
             allowed = m
