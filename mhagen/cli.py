@@ -7,6 +7,7 @@ a verify mismatch exits 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -150,7 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_targets)
+
+    # Stages with their own commands register them here (each module owns its subcommand).
+    for module_name in _CLI_MODULES:
+        module = importlib.import_module(f"mhagen.{module_name}")
+        module.add_cli(sub)
     return parser
+
+
+# Modules that define `add_cli(subparsers)`; each adds its subcommand with `set_defaults(func=...)`.
+_CLI_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
