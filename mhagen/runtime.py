@@ -38,7 +38,11 @@ def driver_status(driver: str) -> tuple[bool, str]:
     try:
         devices = rt.get_driver(driver).query_available_devices()
     except Exception as exc:  # noqa: BLE001 - the driver refuses to start: no device
-        return False, f"`{driver}` driver found no device ({_first_line(exc)})"
+        message = _first_line(exc)
+        library = re.search(r"library '?([\w./-]+\.so)", message) or re.search(r"([\w-]+\.so)", message)
+        if library:
+            return False, f"no `{driver}` device: {library.group(1)} is not installed"
+        return False, f"no `{driver}` device ({message})"
     if not devices:
         return False, f"`{driver}` driver found no device"
     return True, str(devices[0].get("name", driver))

@@ -117,14 +117,39 @@ def get_target(name: str | Target) -> Target:
         target = targets[name]
     if target.refused:
         raise TargetError(f"Target `{target.name}` is refused: {target.refused}")
+    broken = known_broken(target)
+    if broken:
+        raise TargetError(f"Target `{target.name}` is refused: {broken}")
     return target
+
+
+# Flags IREE 3.13 accepts but cannot compile attention for (checked on this compiler): refused up
+# front with what to use instead, rather than failing deep in the compiler.
+_KNOWN_BROKEN = {
+    "--iree-cuda-target=sm_90": "cuda-sm80 (its code runs on Hopper too)",
+    "--iree-cuda-target=sm_90a": "cuda-sm80 (its code runs on Hopper too)",
+    "--iree-cuda-target=sm_100": "cuda-sm80 or cuda-sm89",
+    "--iree-cuda-target=sm_100a": "cuda-sm80 or cuda-sm89",
+    "--iree-cuda-target=sm_120a": "--iree-cuda-target=sm_120",
+    "--iree-hip-target": "--iree-rocm-target=gfxNNNN (the hip spelling no longer exists)",
+}
+
+
+def known_broken(target: Target) -> str | None:
+    """Why IREE 3.13 cannot compile `target`'s flags, or None."""
+    for flag in target.flags:
+        for bad, instead in _KNOWN_BROKEN.items():
+            if flag == bad or (bad.endswith("-target") and flag.startswith(bad + "=")):
+                return f"IREE 3.13 cannot compile with `{flag}`; use {instead}"
+    return None
 
 
 def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
     """`"all"`, a comma-separated string or a list of names -> targets (refused ones excluded from all)."""
     if isinstance(value, str):
         if value.strip() == "all":
-            return [t for t in all_targets().values() if not t.refused]
+            return [t for _, t in sorted(all_targets().items())
+                    if not t.refused and not known_broken(t)]
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not value:
         raise TargetError("Received an empty target list, expected target names or `all`")
@@ -173,8 +198,8 @@ def _compiler_backends() -> frozenset[str]:
 
 def availability(target: Target) -> Availability:
     """Whether `target` compiles here (backend in this IREE) and runs here (arch, driver, device)."""
-    if target.refused:
-        return Availability(False, target.refused, False, "refused")
+    if target.refused or known_broken(target):
+        return Availability(False, target.refused or known_broken(target) or "", False, "refused")
     backends = _compiler_backends()
     compiles = target.backend in backends
     compile_reason = "" if compiles else f"this IREE compiler has no `{target.backend}` backend"

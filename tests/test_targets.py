@@ -1,0 +1,88 @@
+"""Targets as data, and the verify matrix: every example on every target (run where possible)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mhagen
+from conftest import EXAMPLES, vulkan_available
+from mhagen.targets import all_targets, availability, compile_flags, get_target, parse_targets
+from mhagen.verify import verify_matrix
+
+RUN_HERE = ("cpu", "cpu-x86_64", "cpu-x86_64-v3", "vmvx", "vulkan")
+
+
+def test_compile_flags_are_pure_data() -> None:
+    cpu = compile_flags(get_target("cpu"))
+    assert cpu[0] == "--iree-hal-target-backends=llvm-cpu" and "--iree-llvmcpu-target-cpu=host" in cpu
+    assert "--iree-rocdl-enable-buffer-instructions=false" in compile_flags(get_target("rocm-gfx942"))
+    assert compile_flags(get_target("vulkan")) == ["--iree-hal-target-backends=vulkan-spirv"]
+    assert "--iree-cuda-target=sm_80" in compile_flags(get_target("cuda-sm80"))
+
+
+def test_unknown_target_lists_valid_ones() -> None:
+    with pytest.raises(mhagen.TargetError, match="expected one of .*cpu.*vulkan.*Received: target='tpu'"):
+        get_target("tpu")
+
+
+def test_sm90_refused_before_compiling() -> None:
+    with pytest.raises(mhagen.TargetError, match="sm_90.*cuda-sm80"):
+        get_target("cuda-sm90")
+    assert "cuda-sm90" not in [t.name for t in parse_targets("all")]
+
+
+def test_user_adds_a_target_by_adding_a_file(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mine.toml").write_text(
+        'name = "cpu-mine"\ndescription = "my CPU"\nbackend = "llvm-cpu"\ndriver = "local-sync"\n'
+        'flags = ["--iree-llvmcpu-target-cpu=host"]\narch = "host"\n')
+    (tmp_path / "hopper.toml").write_text(
+        'name = "cuda-hopper"\nbackend = "cuda"\ndriver = "cuda"\nflags = ["--iree-cuda-target=sm_90a"]\n')
+    monkeypatch.setenv("MHAGEN_TARGETS_PATH", str(tmp_path))
+    assert availability(get_target("cpu-mine")).runs
+    spec = mhagen.Spec.load(EXAMPLES / "cross_attention.toml")
+    (row,) = verify_matrix(spec, [get_target("cpu-mine")])
+    assert row.status == "pass"
+    with pytest.raises(mhagen.TargetError, match="cannot compile with `--iree-cuda-target=sm_90a`"):
+        get_target("cuda-hopper")
+
+
+def test_target_file_with_unknown_key_is_refused(tmp_path, monkeypatch) -> None:
+    (tmp_path / "bad.toml").write_text('name = "bad"\nbackend = "llvm-cpu"\ndriver = "local-task"\nflag = []\n')
+    monkeypatch.setenv("MHAGEN_TARGETS_PATH", str(tmp_path))
+    with pytest.raises(mhagen.TargetError, match="unknown key"):
+        all_targets()
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
+def test_example_verify_matrix(example: str) -> None:
+    """Every example: compiles for every target; passes on every target that can run here."""
+    spec = mhagen.Spec.load(EXAMPLES / f"{example}.toml")
+    rows = {r.target: r for r in verify_matrix(spec, parse_targets("all"))}
+    for name, row in rows.items():
+        assert row.compiled, f"{name}: {row.reason}"
+        can_run = availability(get_target(name)).runs
+        if can_run:
+            assert row.status == "pass", f"{name}: {row.message or row.reason}"
+            assert row.max_abs is not None and row.max_abs < 1e-5
+        else:
+            assert row.status == "compiled, not run" and row.reason
+    for name in ("cpu", "cpu-x86_64", "vmvx"):
+        assert rows[name].status == "pass"
+
+
+def test_vulkan_runs_for_real() -> None:
+    ok, reason = vulkan_available()
+    if not ok:
+        pytest.skip(f"no Vulkan device: {reason}")
+    spec = mhagen.Spec.load(EXAMPLES / "causal_decoder.toml")
+    weights = mhagen.init_weights(spec)
+    layer = mhagen.build(spec, target="vulkan", weights=weights)
+    from mhagen.verify import random_inputs
+
+    inputs = random_inputs(spec, seed=3)
+    out, scores = layer(**inputs)
+    ref_out, ref_scores = mhagen.reference(spec, weights, **inputs)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
