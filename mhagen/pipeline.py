@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .compile import check_dtype, compile_program
-from .runtime import CompiledLayer
+from .runtime import CompiledLayer, parameter_index
 from .spec import Spec
 from .targets import Target, get_target
 from .trace import WeightsMode, trace
-from .weights import normalize_weights
+from .weights import normalize_weights, weight_names
 
 __all__ = ["build", "as_spec"]
 
@@ -33,7 +33,8 @@ def build(
     """Compile `spec` for `target` and load it: returns a callable `CompiledLayer`.
 
     `weights`: a list in `layer.get_weights()` order, a dict keyed by weight path, or None for
-    `init_weights(spec)`. `weights_mode="inline"` bakes them into the module as constants.
+    `init_weights(spec)`. `weights_mode="inline"` bakes them into the module as constants;
+    `"parameters"` keeps them out of the module, in a parameter index the runtime reads.
 
         layer = build(spec, target="cpu", weights=init_weights(spec))
         out = layer(query, value)            # (B, T, E)
@@ -45,10 +46,7 @@ def build(
     program = trace(spec, ws, weights_mode=weights_mode)
     compiled = compile_program(program.text, tgt)
     parameters = None
-    if program.weights_mode is not WeightsMode.INLINE:
-        from .params import parameter_index
-
-        parameters = parameter_index(spec, ws)
-    return CompiledLayer(spec, compiled.vmfb, tgt, stablehlo=program.text, inputs=program.inputs,
-                         outputs=program.outputs, parameters=parameters,
-                         compile_seconds=compiled.seconds)
+    if program.weights_mode is WeightsMode.PARAMETERS:
+        parameters = parameter_index(dict(zip(weight_names(spec), ws)))
+    return CompiledLayer(program.interface, compiled.vmfb, tgt, stablehlo=program.text,
+                         parameters=parameters, spec=spec, compile_seconds=compiled.seconds)

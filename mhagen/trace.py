@@ -27,7 +27,6 @@ class WeightsMode(enum.Enum):
     """Where the weights live in the compiled program."""
 
     INLINE = "inline"          # constants in the program (fastest; recompile for new weights)
-    ARGUMENTS = "arguments"    # trailing function arguments
     PARAMETERS = "parameters"  # util.globals loaded from a parameter archive at run time
 
     @classmethod
@@ -53,13 +52,14 @@ class TensorSig:
 
 @dataclass(frozen=True)
 class Program:
-    """A traced program: StableHLO text plus its call signature."""
+    """A traced program: MLIR text (StableHLO plus generated glue) and its call interface."""
 
     text: str
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     weights: tuple[TensorSig, ...]
     weights_mode: WeightsMode
+    interface: dict[str, Any]
 
 
 # The mask travels as int32 (nonzero = attend). 8-bit inputs (i1, i8, u8) broadcast wrongly on the
@@ -197,40 +197,120 @@ def _jax_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+def _ladder(top: int, start: int) -> list[int]:
+    """Bucket sizes: powers of two from `start` below `top`, then `top` itself."""
+    out, size = [], start
+    while size < top:
+        out.append(size)
+        size *= 2
+    return out + [top]
+
+
+def buckets(spec: Spec) -> list[tuple[int | None, int | None]]:
+    """(batch, seq) sizes compiled for a dynamic spec; [(None, None)] for a static one."""
+    dyn = spec.call.dynamic
+    if not dyn:
+        return [(None, None)]
+    batches = _ladder(spec.call.max_batch, 1) if "batch" in dyn else [None]  # type: ignore[arg-type]
+    seqs = _ladder(spec.call.max_seq, min(8, spec.call.max_seq)) if "seq" in dyn else [None]  # type: ignore[arg-type]
+    return [(b, s) for b in batches for s in seqs]
+
+
+def bucket_spec(spec: Spec, batch: int | None, seq: int | None) -> Spec:
+    """The static spec one bucket compiles: batch and/or seq set, keys maskable when seq is padded."""
+    if batch is None and seq is None:
+        return spec
+
+    def resize(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is None:
+            return None
+        out = list(shape)
+        if batch is not None:
+            out[0] = batch
+        if seq is not None:
+            out[1] = seq
+        return tuple(out)
+
+    call = spec.call
+    return spec.replace(call={
+        "query": resize(call.query), "value": resize(call.value), "key": resize(call.key),
+        "attention_mask": True if (spec.has_mask or seq is not None) else False,
+        "dynamic": (), "max_batch": None, "max_seq": None,
+    })
+
+
+def interface(spec: Spec, functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The call description the runtime (and a bundle's manifest) works from: no JAX, no Spec."""
+    g = spec.geometry
+    mask_fn = any(s["name"] == "attention_mask" for f in functions for s in f["inputs"])
+    return {
+        "inputs": [t.to_dict() for t in input_signature(spec)],
+        "outputs": [t.to_dict() for t in output_signature(spec)],
+        "functions": functions,
+        "dynamic": list(spec.call.dynamic),
+        "max_batch": spec.call.max_batch,
+        "max_seq": spec.call.max_seq,
+        "mask": {"shape": list(g.mask_shape if g.mask_shape is not None else g.full_mask_shape),
+                 "scores_rank": len(g.scores_shape), "num_axes": len(g.attention_axes)} if mask_fn else None,
+        "dropout": {"seed": spec.layer.seed or 0, "rate": spec.layer.dropout} if spec.has_dropout else None,
+        "compute_dtype": spec.call.dtype_policy.compute,
+    }
+
+
+def _export(fn: Callable[..., Any], avals: list[Any]) -> str:
+    import jax
+    from jax import export
+
+    from .program import strip_locations
+
+    exported = export.export(jax.jit(fn), platforms=["cpu"])(*avals)
+    return strip_locations(exported.mlir_module())
+
+
 def trace(
     spec: Spec,
     weights: Any = None,
     *,
     weights_mode: WeightsMode | str = WeightsMode.INLINE,
 ) -> Program:
-    """Trace `spec` with JAX and export StableHLO text.
+    """Trace `spec` with JAX into the program IREE compiles.
 
-    `weights` as for `normalize_weights` (None: `init_weights(spec)`); they become constants
-    (`inline`) or trailing arguments (`arguments`, and `parameters`, which the compile stage turns
-    into parameter-archive globals).
+    `weights` as for `normalize_weights` (None: `init_weights(spec)`). A static spec with `inline`
+    weights is one JAX export with the weights as constants. Otherwise each shape bucket is exported
+    with the weights as arguments and `mhagen.program.assemble` adds entry points that read them from
+    globals: parameter-archive entries (`parameters`) or dense constants (`inline`).
     """
     import jax
-    from jax import export
+
+    from .program import Entry, assemble, mlir_type
 
     mode = WeightsMode.parse(weights_mode)
     ws = normalize_weights(spec, weights)
-    fn = forward(spec)
-    inputs = input_signature(spec)
-    avals = [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in inputs]
-    weight_sigs = tuple(TensorSig(n, tuple(a.shape), str(a.dtype)) for n, a in zip(weight_names(spec), ws))
-    if mode is WeightsMode.INLINE:
-        consts = [np.asarray(a) for a in ws]
-
-        def closed(*xs: Any) -> Any:
-            return fn(*xs, *consts)
-
-        target = closed
-    else:
+    names = weight_names(spec)
+    weight_sigs = tuple(TensorSig(n, tuple(a.shape), str(a.dtype)) for n, a in zip(names, ws))
+    functions: list[dict[str, Any]] = []
+    entries = []
+    for batch, seq in buckets(spec):
+        bspec = bucket_spec(spec, batch, seq)
+        fn = forward(bspec)
+        inputs = input_signature(bspec)
+        outputs = output_signature(bspec)
+        avals = [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in inputs]
+        name = "main" if batch is None and seq is None else f"main_b{batch or 'x'}_s{seq or 'x'}"
+        functions.append({"name": name, "batch": batch, "seq": seq,
+                          "inputs": [t.to_dict() for t in inputs],
+                          "outputs": [t.to_dict() for t in outputs]})
+        if mode is WeightsMode.INLINE and not spec.call.dynamic:
+            consts = [np.asarray(a) for a in ws]
+            text = _export(lambda *xs: fn(*xs, *consts), avals)
+            return Program(text=text, inputs=tuple(input_signature(spec)),
+                           outputs=tuple(output_signature(spec)), weights=weight_sigs,
+                           weights_mode=mode, interface=interface(spec, functions))
         avals += [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in weight_sigs]
-        target = fn
-    exported = export.export(jax.jit(target), platforms=["cpu"])(*avals)
-    text = exported.mlir_module()
-    return Program(
-        text=text, inputs=tuple(inputs), outputs=tuple(output_signature(spec)),
-        weights=weight_sigs, weights_mode=mode,
-    )
+        entries.append(Entry(name, _export(fn, avals),
+                             tuple(mlir_type(t.shape, t.dtype) for t in inputs),
+                             tuple(mlir_type(t.shape, t.dtype) for t in outputs)))
+    text = assemble(entries, list(zip(names, ws)), parameters=mode is WeightsMode.PARAMETERS,
+                    description=f"{len(entries)} entry point(s), weights {mode.value}")
+    return Program(text=text, inputs=tuple(input_signature(spec)), outputs=tuple(output_signature(spec)),
+                   weights=weight_sigs, weights_mode=mode, interface=interface(spec, functions))

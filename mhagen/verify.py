@@ -188,9 +188,9 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
         if on_progress:
             on_progress(target.name, "running")
         try:
-            layer = CompiledLayer(spec, compiled.vmfb, target, inputs=program.inputs,
-                                  outputs=program.outputs)
-            got = layer.run(layer.prepare(**{k: v for k, v in inputs.items()}))
+            layer = CompiledLayer(program.interface, compiled.vmfb, target, spec=spec)
+            result = layer(**inputs)
+            got = list(result) if isinstance(result, tuple) else [result]
         except MhagenError as exc:
             row.reason = str(exc)
             row.passed = False
