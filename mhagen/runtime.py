@@ -235,8 +235,8 @@ class CompiledLayer:
                 free.add(1)
             fixed = [i for i in range(array.ndim) if i not in free]
             if any(array.shape[i] != sig.shape[i] for i in fixed):
-                pattern = tuple("*" if i in free else d for i, d in enumerate(sig.shape))
-                raise CallError(f"`{name}` has shape {array.shape}, expected {pattern} (* = any size)")
+                pattern = ", ".join("*" if i in free else str(d) for i, d in enumerate(sig.shape))
+                raise CallError(f"`{name}` has shape {array.shape}, expected ({pattern}) (* = any size)")
             batch = array.shape[0] if batch is None else batch
             if array.shape[0] != batch:
                 raise CallError(f"`{name}` has batch {array.shape[0]}, but `query` has batch {batch}")
