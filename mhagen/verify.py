@@ -28,12 +28,14 @@ class Tolerance:
 
 # Against the float64 oracle on unit-scale inputs (normal(0, 1), Glorot weights).
 TOLERANCES: dict[str, Tolerance] = {
-    # The contract: 1e-5 absolute. Measured max |err| on the examples: 4.8e-7 (cpu), 7.2e-7 (vmvx).
+    # The contract: 1e-5 absolute. Measured max |err| on the examples: 5.4e-7 (cpu, vmvx, vulkan).
     "float32": Tolerance(atol=1e-5, rtol=0.0),
-    # 10 mantissa bits; measured max |err| 2.9e-3 on the examples (cpu).
+    # 10 mantissa bits (eps 9.8e-4); measured max |err| on causal_decoder: 4.2e-3 (cpu),
+    # 6.1e-3 (cpu-x86_64, vulkan-ampere on lavapipe), 4.7e-3 (mixed_float16, cpu).
     "float16": Tolerance(atol=1e-2, rtol=1e-2),
-    # 7 mantissa bits; measured max |err| 2.3e-2 on the examples (cpu).
-    "bfloat16": Tolerance(atol=6e-2, rtol=6e-2),
+    # 7 mantissa bits (eps 7.8e-3); measured max |err| on causal_decoder: 1.1e-2 (cpu),
+    # 1.4e-2 (mixed_bfloat16, cpu).
+    "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
 }
 
 
