@@ -9,17 +9,20 @@ and checked against an independent NumPy oracle.
     ref = mhagen.reference(spec, weights, query, value)
 """
 
+__version__ = "0.1.0"
+
 from .errors import (BundleError, CallError, CompileError, MhagenError, MhagenRuntimeError, SpecError,
                      TargetError, VerifyError, WeightsError)
+from .keras_io import weights_from_keras
 from .oracle import reference
 from .pipeline import build
 from .runtime import CompiledLayer
+from .runtime import load_bundle as load
 from .spec import CallSpec, LayerSpec, Spec
 from .weights import init_weights
 
 __all__ = [
-    "Spec", "LayerSpec", "CallSpec", "init_weights", "build", "reference", "CompiledLayer",
+    "Spec", "LayerSpec", "CallSpec", "init_weights", "build", "load", "reference", "CompiledLayer",
     "MhagenError", "SpecError", "WeightsError", "TargetError", "CompileError", "CallError",
-    "MhagenRuntimeError", "BundleError", "VerifyError",
+    "MhagenRuntimeError", "BundleError", "VerifyError", "weights_from_keras",
 ]
-__version__ = "0.1.0"

@@ -112,10 +112,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
     weights = _weights_arg(args.spec, args.weights if args.weights != "inline" else None)
     targets = _targets_arg(args)
     out = build_bundle(spec, targets, args.out, weights=weights,
-                       weights_mode="inline" if args.weights == "inline" else args.weights_mode,
+                       weights_mode="inline" if args.weights == "inline" else "parameters",
                        verify=not args.no_verify, progress=True)
     print(f"wrote {out}")
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import run_main
+
+    argv = [args.bundle, "--target", args.target, "--output", args.output]
+    for item in args.input:
+        argv += ["--input", item]
+    return run_main(argv, prog="mhagen run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,10 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="spec TOML file")
     target_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--weights", help="weights file (.npz/.safetensors), or `inline` to bake the "
-                   "(sidecar or initialized) weights into the modules as constants")
-    p.add_argument("--weights-mode", default="parameters", choices=["parameters", "inline"],
-                   help=argparse.SUPPRESS)
+    p.add_argument("--weights", help="weights file (.npz/.safetensors; default: SPEC.npz beside the "
+                   "spec, else seeded initial weights), or `inline` to bake those weights into the "
+                   "modules as constants instead of a shared weights.irpa")
     p.add_argument("--no-verify", action="store_true", help="skip running the oracle check")
     p.set_defaults(func=_cmd_build)
 
@@ -147,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("run", help="run a bundle on .npy inputs (as the bundle's run.py does)")
+    p.add_argument("bundle", help="bundle directory written by `mhagen build`")
+    p.add_argument("--target", default="cpu", help="target in the bundle (default cpu)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="an input: query, value, key, attention_mask or dropout_key")
+    p.add_argument("--output", required=True, help="directory for output.npy (and scores.npy)")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -160,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that define `add_cli(subparsers)`; each adds its subcommand with `set_defaults(func=...)`.
-_CLI_MODULES: tuple[str, ...] = ()
+_CLI_MODULES: tuple[str, ...] = ("keras_io",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
