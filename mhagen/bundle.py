@@ -123,7 +123,7 @@ def _verify(spec: Spec, staging: Path, target: Target, weights: list[np.ndarray]
     if spec.call.dynamic:  # the declared shape, plus the smallest batch and sequence
         sizes.append((1 if "batch" in spec.call.dynamic else None, 3 if "seq" in spec.call.dynamic else None))
     for size in sizes:
-        sub = spec if size is None else _resized(spec, *size)
+        sub = spec if size is None else spec.at_size(size[0], size[1], size[1])
         inputs = random_inputs(sub, seed=0)
         result = layer(**inputs)
         got = list(result) if isinstance(result, tuple) else [result]
@@ -132,23 +132,6 @@ def _verify(spec: Spec, staging: Path, target: Target, weights: list[np.ndarray]
     return {"ran": True, "status": "pass" if passed else "FAIL", "passed": passed,
             "max_abs": max(c.max_abs for c in checks), "max_rel": max(c.max_rel for c in checks),
             "message": next((c.message for c in checks if not c.passed), checks[0].message)}
-
-
-def _resized(spec: Spec, batch: int | None, seq: int | None) -> Spec:
-    def resize(shape: Any) -> Any:
-        if shape is None:
-            return None
-        out = list(shape)
-        if batch is not None:
-            out[0] = batch
-        if seq is not None:
-            out[1] = seq
-        return out
-
-    mask = spec.call.attention_mask
-    return spec.replace(call={"query": resize(spec.call.query), "value": resize(spec.call.value),
-                              "key": resize(spec.call.key), "dynamic": (), "max_batch": None,
-                              "max_seq": None, "attention_mask": mask if isinstance(mask, bool) else True})
 
 
 def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights: Any = None,

@@ -154,7 +154,7 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _expand_mask_shape(shape: Sequence[int], scores_rank: int, num_axes: int) -> tuple[int, ...]:
+def expand_mask_shape(shape: Sequence[int], scores_rank: int, num_axes: int) -> tuple[int, ...]:
     """Keras' mask expansion: unit axes inserted at -(2k+1) until the mask has the scores' rank."""
     out = list(shape)
     pos = -2 * num_axes - 1
@@ -267,9 +267,9 @@ class CompiledLayer:
         if mask.dtype == object or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)):
             raise CallError(f"`attention_mask` has dtype {mask.dtype}, expected bool or numbers")
         rank, k = info["scores_rank"], info["num_axes"]
-        target = _expand_mask_shape(declared, rank, k)
+        target = expand_mask_shape(declared, rank, k)
         try:
-            full = np.broadcast_to((mask != 0).reshape(_expand_mask_shape(mask.shape, rank, k)), target)
+            full = np.broadcast_to((mask != 0).reshape(expand_mask_shape(mask.shape, rank, k)), target)
         except ValueError:
             raise CallError(f"`attention_mask` has shape {mask.shape}, which does not broadcast to "
                             f"the declared mask {tuple(declared)}") from None

@@ -103,6 +103,17 @@ def _shape(name: str, value: object, *, min_rank: int = 1) -> tuple[int, ...]:
     return tuple(int(d) for d in value)
 
 
+def _table(obj: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """A dataclass's TOML table: None and empty tuples left out (absent means the default)."""
+    out: dict[str, Any] = {}
+    for name in keys:
+        value = getattr(obj, name)
+        if value is None or value == ():
+            continue
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _strip_none(value: Any) -> Any:
     """Drop None entries recursively: TOML has no null, and absent means None in a spec."""
     if isinstance(value, Mapping):
@@ -211,14 +222,7 @@ class LayerSpec:
         return self.value_dim if self.value_dim is not None else self.key_dim
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in _LAYER_KEYS:
-            value = getattr(self, name)
-            if isinstance(value, tuple):
-                value = list(value)
-            if value is not None:
-                out[name] = value
-        return out
+        return _table(self, _LAYER_KEYS)
 
 
 @dataclass(frozen=True)
@@ -270,16 +274,7 @@ class CallSpec:
         return DType.parse(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in _CALL_KEYS:
-            value = getattr(self, name)
-            if name == "dynamic" and not value:
-                continue
-            if isinstance(value, tuple):
-                value = list(value)
-            if value is not None:
-                out[name] = value
-        return out
+        return _table(self, _CALL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -330,15 +325,9 @@ class Geometry:
 
     def expand_mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Keras' mask expansion: insert unit axes at -(2k+1) until the mask has the scores' rank."""
-        out = list(shape)
-        target = len(self.scores_shape)
-        pos = -2 * len(self.attention_axes) - 1
-        while len(out) < target:
-            index = len(out) + 1 + pos
-            if index < 0:
-                break
-            out.insert(index, 1)
-        return tuple(out)
+        from .runtime import expand_mask_shape
+
+        return expand_mask_shape(shape, len(self.scores_shape), len(self.attention_axes))
 
     def weight_shapes(self, *, use_bias: bool, use_gate: bool) -> list[tuple[str, tuple[int, ...]]]:
         """Weight names and shapes in Keras' `layer.get_weights()` order."""
@@ -446,6 +435,14 @@ class Spec:
             raise invalid("config", "the dict from layer.get_config()", type(config).__name__)
         layer_args = {k: config[k] for k in _LAYER_KEYS if k in config}
         extras = {k: v for k, v in config.items() if k not in _LAYER_KEYS}
+        for name in ("kernel_initializer", "bias_initializer"):
+            # An initializer mhagen cannot draw (VarianceScaling, a custom class) does not change
+            # inference with the layer's own weights: keep it in [keras] rather than refuse the layer.
+            if name in layer_args:
+                try:
+                    _initializer(name, layer_args[name])
+                except SpecError:
+                    extras[name] = layer_args.pop(name)
         if dtype is None:
             dtype = _policy_name(config.get("dtype")) or "float32"
         if "num_heads" not in layer_args or "key_dim" not in layer_args:
@@ -478,6 +475,34 @@ class Spec:
             call=dataclasses.replace(self.call, **(call or {})),
             keras=self.keras,
         )
+
+    def at_size(self, batch: int | None = None, query_seq: int | None = None, key_seq: int | None = None,
+                *, attention_mask: bool | None = None) -> "Spec":
+        """A static copy with the batch (axis 0) and/or sequence (axis 1) sizes changed.
+
+        A declared mask shape becomes `attention_mask = true` (its sizes follow the inputs) unless
+        `attention_mask` says otherwise.
+        """
+        def resize(shape: tuple[int, ...] | None, seq: int | None) -> tuple[int, ...] | None:
+            if shape is None:
+                return None
+            out = list(shape)
+            if batch is not None:
+                out[0] = batch
+            if seq is not None:
+                out[1] = seq
+            return tuple(out)
+
+        mask = self.call.attention_mask
+        if attention_mask is not None:
+            mask = attention_mask
+        elif not isinstance(mask, bool):
+            mask = True
+        return self.replace(call={
+            "query": resize(self.call.query, query_seq), "value": resize(self.call.value, key_seq),
+            "key": resize(self.call.key, key_seq), "attention_mask": mask,
+            "dynamic": (), "max_batch": None, "max_seq": None,
+        })
 
     # ---- derived ------------------------------------------------------------------------------
     @functools.cached_property
