@@ -4,7 +4,7 @@ artifact of the same config and weights give the same outputs and scores (float3
 The cases follow Keras' own `multi_head_attention_test.py` (test_basics, test_high_dim_attention,
 test_attention_axes_negative_indexing, test_compute_output_shape, test_masking*, test_sliding_window,
 test_causal_only_*, test_shape_mismatch_error, test_invalid_scalar_args_rejected, output_shape_*),
-at batch 2 and small dims. Set MHAGEN_CONFORMANCE_JSON=FILE to write the largest error per case.
+at batch 2 and small dims, plus training-mode dropout draw for draw. Set MHAGEN_CONFORMANCE_JSON=FILE to write the largest error per case.
 
 Keras has two attention paths. With 3-D inputs, no scores and dropout == 0 it calls the fused
 `ops.dot_product_attention`; otherwise it runs the explicit masked softmax. They agree except on a
@@ -344,6 +344,24 @@ def test_value_dim_ne_key_dim_on_keras_fused_path() -> None:
         assert "reshape" in str(exc) or "shape" in str(exc)
     else:
         np.testing.assert_allclose(got, fused, atol=ATOL, rtol=0)
+
+
+def test_training_dropout_matches_keras_draw_for_draw() -> None:
+    """training=True with dropout: Keras' SeedGenerator keys its n-th call [seed, n]; the compiled
+    layer counts calls the same way, so the same probabilities are dropped on every call."""
+    case = Case({"num_heads": 2, "key_dim": 4, "dropout": 0.3, "seed": 7}, (B, 5, 8), (B, 5, 8))
+    layer, config = keras_layer(case)
+    x = inputs(case)
+    spec = mhagen.Spec.from_keras_config(config, query_shape=case.query, value_shape=case.value, training=True)
+    compiled = mhagen.build(spec, target="cpu", weights=layer.get_weights())  # fresh: its counter starts at 0
+    calls = []
+    for _ in range(2):
+        want = np.asarray(layer(x["query"], x["value"], training=True))
+        got = compiled(x["query"], x["value"])
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+        calls.append(got)
+    assert np.abs(calls[0] - calls[1]).max() > 0.1  # two different draws, both matched
+    _ERRORS["dropout/training"] = float(np.abs(calls[1] - want).max())
 
 
 # ---- the errors Keras raises, mhagen raises as SpecError --------------------------------------------
