@@ -4,7 +4,8 @@ artifact of the same config and weights give the same outputs and scores (float3
 The cases follow Keras' own `multi_head_attention_test.py` (test_basics, test_high_dim_attention,
 test_attention_axes_negative_indexing, test_compute_output_shape, test_masking*, test_sliding_window,
 test_causal_only_*, test_shape_mismatch_error, test_invalid_scalar_args_rejected, output_shape_*),
-at batch 2 and small dims, plus training-mode dropout draw for draw. Set MHAGEN_CONFORMANCE_JSON=FILE to write the largest error per case.
+at batch 2 and small dims, plus training-mode dropout draw for draw.
+Set MHAGEN_CONFORMANCE_JSON=FILE to write the largest error per case.
 
 Keras has two attention paths. With 3-D inputs, no scores and dropout == 0 it calls the fused
 `ops.dot_product_attention`; otherwise it runs the explicit masked softmax. They agree except on a
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,19 +50,20 @@ class Case:
     causal: bool = False
     scores: bool = False
     dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
+    self_attention: bool = False       # value is the query array itself
+    config_before_build: bool = False  # the spec reads the config as given (Keras normalizes it in build)
 
 
-def _h(q: tuple[int, ...], v: tuple[int, ...], k: tuple[int, ...] | None = None, hidden: int = 8):
+def _h(q: tuple[int, ...], v: tuple[int, ...], hidden: int = 8) -> dict[str, tuple[int, ...]]:
     """Keras' high-dim test shapes: (B, *dims, hidden)."""
-    return dict(query=(B, *q, hidden), value=(B, *v, hidden),
-                key=None if k is None else (B, *k))
+    return {"query": (B, *q, hidden), "value": (B, *v, hidden)}
 
 
 CASES: dict[str, Case] = {
     # test_basics (dropout only acts in training; here it just turns off Keras' fused path)
-    "basic/cross": Case({"num_heads": 2, "key_dim": 2, "kernel_initializer": "glorot_uniform"}, (B, 8, 16), (B, 4, 16)),
-    "basic/self": Case({"num_heads": 2, "key_dim": 4}, (B, 6, 8), (B, 6, 8), extra={"self": True}),
+    "basic/cross": Case({"num_heads": 2, "key_dim": 2, "kernel_initializer": "glorot_uniform"},
+                        (B, 8, 16), (B, 4, 16)),
+    "basic/self": Case({"num_heads": 2, "key_dim": 4}, (B, 6, 8), (B, 6, 8), self_attention=True),
     "basic/value_dim_no_bias_dropout": Case(
         {"num_heads": 2, "key_dim": 2, "value_dim": 4, "use_bias": False, "dropout": 0.5}, (B, 8, 16), (B, 4, 16)),
     "basic/gate": Case({"num_heads": 2, "key_dim": 2, "use_gate": True}, (B, 8, 16), (B, 4, 16)),
@@ -90,13 +92,13 @@ CASES: dict[str, Case] = {
     "high_dim/4d_default_axes": Case({"num_heads": 2, "key_dim": 2}, **_h((3, 4), (3, 2))),
     # test_attention_axes_negative_indexing (the spec is built from the *unbuilt* config, -2 as given)
     "negative_axes/4d_minus2": Case({"num_heads": 2, "key_dim": 4, "attention_axes": -2}, (B, 3, 8, 4),
-                                    (B, 3, 8, 4), scores=True, extra={"config_before_build": True}),
+                                    (B, 3, 8, 4), scores=True, config_before_build=True),
     "negative_axes/4d_minus2_gate": Case({"num_heads": 2, "key_dim": 4, "attention_axes": -2, "use_gate": True},
                                          (B, 3, 8, 4), (B, 3, 8, 4), scores=True,
-                                         extra={"config_before_build": True}),
+                                         config_before_build=True),
     "negative_axes/5d_minus3_minus2": Case({"num_heads": 2, "key_dim": 2, "attention_axes": (-3, -2)},
                                            (B, 2, 3, 4, 6), (B, 2, 2, 3, 6), scores=True,
-                                           extra={"config_before_build": True}),
+                                           config_before_build=True),
     # test_compute_output_shape (num_heads 2, key_dim 2, value_dim 2; batch 2 instead of 7)
     "output_shape/without_key_same_proj": Case({"num_heads": 2, "key_dim": 2, "value_dim": 2},
                                                (B, 4, 8), (B, 2, 8)),
@@ -135,7 +137,7 @@ CASES: dict[str, Case] = {
                                                    (B, 6, 8), (B, 6, 8), mask=(B, 6, 6), causal=True, scores=True),
     # return_attention_scores: the explicit path, scores compared too
     "scores/3d": Case({"num_heads": 3, "key_dim": 4}, (B, 5, 8), (B, 7, 8), scores=True),
-    "scores/3d_self": Case({"num_heads": 4, "key_dim": 2}, (B, 3, 5), (B, 3, 5), scores=True),  # symbolic_return
+    "scores/3d_self": Case({"num_heads": 4, "key_dim": 2}, (B, 3, 5), (B, 3, 5), scores=True),  # test_symbolic_return_*
     "scores/gate_no_bias": Case({"num_heads": 2, "key_dim": 4, "use_gate": True, "use_bias": False, "value_dim": 3},
                                 (B, 5, 8), (B, 7, 6), scores=True),
     "scores/4d_two_axes_mask": Case({"num_heads": 2, "key_dim": 2, "attention_axes": (1, 2)}, (B, 3, 4, 8),
@@ -172,14 +174,14 @@ def keras_layer(case: Case, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     layer.build(case.query, case.value, case.key)
     rng = np.random.default_rng(seed)
     layer.set_weights([(0.3 * rng.standard_normal(w.shape)).astype(np.float32) for w in layer.get_weights()])
-    return layer, before if case.extra.get("config_before_build") else layer.get_config()
+    return layer, before if case.config_before_build else layer.get_config()
 
 
 def inputs(case: Case, seed: int = 1) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     query = rng.standard_normal(case.query).astype(np.float32)
-    out: dict[str, Any] = {"query": query,
-                           "value": query if case.extra.get("self") else rng.standard_normal(case.value).astype(np.float32)}
+    value = query if case.self_attention else rng.standard_normal(case.value).astype(np.float32)
+    out: dict[str, Any] = {"query": query, "value": value}
     if case.key is not None:
         out["key"] = rng.standard_normal(case.key).astype(np.float32)
     if case.mask is not None:
@@ -311,7 +313,7 @@ def test_fully_masked_row_fused_and_explicit_paths_differ() -> None:
     mask[1, 3, :] = False
     x["attention_mask"] = mask
     fused = call_keras(layer, case, x)[0]
-    explicit, scores = call_keras(layer, Case(**{**case.__dict__, "scores": True}), x)
+    explicit, scores = call_keras(layer, replace(case, scores=True), x)
     got = call_mhagen(build(_spec(case, config), layer.get_weights()), x)[0]
 
     w = dict(zip(["qk", "qb", "kk", "kb", "vk", "vb", "ok", "ob"], layer.get_weights()))
