@@ -89,7 +89,7 @@ CASES: dict[str, Case] = {
                                      **_h((5, 3, 4), (5, 3, 2)), mask=(B, 3, 4, 3, 2)),
     "high_dim/5d_2d_attention_fullmask": Case({"num_heads": 2, "key_dim": 2, "attention_axes": (2, 3)},
                                               **_h((5, 3, 4), (5, 3, 2)), mask=(B, 5, 3, 4, 3, 2)),
-    "high_dim/4d_default_axes": Case({"num_heads": 2, "key_dim": 2}, **_h((3, 4), (3, 2))),
+    "high_dim/4d_default_axes": Case({"num_heads": 2, "key_dim": 2}, **_h((3, 4), (3, 2)), config_before_build=True),
     # test_attention_axes_negative_indexing (the spec is built from the *unbuilt* config, -2 as given)
     "negative_axes/4d_minus2": Case({"num_heads": 2, "key_dim": 4, "attention_axes": -2}, (B, 3, 8, 4),
                                     (B, 3, 8, 4), scores=True, config_before_build=True),
