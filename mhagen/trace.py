@@ -115,10 +115,23 @@ def _attention_equations(proj_rank: int, axes: tuple[int, ...]) -> tuple[str, st
     return f"{source},{target}->{product}", f"{product},{source}->{target}"
 
 
-def forward(spec: Spec) -> Callable[..., Any]:
-    """The layer as a JAX function `f(*inputs, *weights)` in Keras' own formulation."""
+def forward(
+    spec: Spec,
+    *,
+    attention: str = "auto",
+    block: tuple[int, int] | None = None,
+) -> Callable[..., Any]:
+    """The layer as a JAX function `f(*inputs, *weights)` in Keras' own formulation.
+
+    `attention` picks the attention core (`mhagen.blocked.AttentionPath`): `keras` materialises the
+    (T, S) scores as Keras does; `blocked` walks (query, key) blocks of sizes `block` with an online
+    softmax and never holds the scores; `auto` (the default) takes `blocked` wherever it computes the
+    same result (3-D inputs, no scores returned, no dropout), which is faster on CPU.
+    """
     import jax
     import jax.numpy as jnp
+
+    from .blocked import AttentionPath, QueryRows, choose_path
 
     layer, g = spec.layer, spec.geometry
     policy = spec.call.dtype_policy
@@ -132,6 +145,7 @@ def forward(spec: Spec) -> Callable[..., Any]:
     n_inputs = len(input_signature(spec))
     k = len(g.attention_axes)
     large_negative = -3e4 if compute == jnp.float16 else -1e9
+    blocked = choose_path(spec, attention) is AttentionPath.BLOCKED
 
     def fn(*args: Any) -> Any:
         inputs, ws = args[:n_inputs], args[n_inputs:]
@@ -150,37 +164,47 @@ def forward(spec: Spec) -> Callable[..., Any]:
         kk = dense(key, "key", qkv_eq)
         v = dense(value, "value", qkv_eq)
         q = q * jnp.asarray(1.0 / math.sqrt(float(layer.key_dim)), compute)
-        scores = jnp.einsum(dot_eq, kk, q)
+        probs = None
+        if blocked:
+            # Each query block is projected where it is used; the full `q` above is then dead code
+            # that JAX and IREE drop, and the call never holds all of Q at once.
+            def project(rows: Any) -> Any:
+                return dense(rows, "query", qkv_eq) * jnp.asarray(
+                    1.0 / math.sqrt(float(layer.key_dim)), compute)
 
-        allowed = None
-        if mask is not None:
-            m = mask != 0
-            while m.ndim < scores.ndim:
-                m = jnp.expand_dims(m, -2 * k - 1)
-            allowed = m
-        if spec.call.use_causal_mask or layer.sliding_window is not None:
-            t, s = g.query_shape[1], g.value_shape[1]
-            rows = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=0)
-            cols = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=1)
-            band = jnp.ones((t, s), bool)
-            if spec.call.use_causal_mask:
-                band = band & (rows >= cols)
-            if layer.sliding_window is not None:
-                band = band & (jnp.abs(rows - cols) < layer.sliding_window)
-            allowed = band if allowed is None else jnp.logical_and(allowed, band)
-        softmax_axes = tuple(range(-k, 0))
-        if allowed is not None:
-            keep_f = allowed.astype(compute)
-            scores = scores + (1.0 - keep_f) * jnp.asarray(large_negative, compute)
-            probs = jax.nn.softmax(scores, axis=softmax_axes) * keep_f
+            queries = QueryRows(query, project)
+            context = _blocked_context(spec, queries, kk, v, mask, large_negative, block)
         else:
-            probs = jax.nn.softmax(scores, axis=softmax_axes)
-        used = probs
-        if dropout_key is not None:
-            keep = jax.random.bernoulli(dropout_key, 1.0 - layer.dropout, probs.shape)
-            used = jax.lax.select(keep, probs / jnp.asarray(1.0 - layer.dropout, compute),
-                                  jnp.zeros_like(probs))
-        context = jnp.einsum(combine_eq, used, v)
+            scores = jnp.einsum(dot_eq, kk, q)
+            allowed = None
+            if mask is not None:
+                m = mask != 0
+                while m.ndim < scores.ndim:
+                    m = jnp.expand_dims(m, -2 * k - 1)
+                allowed = m
+            if spec.call.use_causal_mask or layer.sliding_window is not None:
+                t, s = g.query_shape[1], g.value_shape[1]
+                rows = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=0)
+                cols = jnp.cumsum(jnp.ones((t, s), jnp.int32), axis=1)
+                band = jnp.ones((t, s), bool)
+                if spec.call.use_causal_mask:
+                    band = band & (rows >= cols)
+                if layer.sliding_window is not None:
+                    band = band & (jnp.abs(rows - cols) < layer.sliding_window)
+                allowed = band if allowed is None else jnp.logical_and(allowed, band)
+            softmax_axes = tuple(range(-k, 0))
+            if allowed is not None:
+                keep_f = allowed.astype(compute)
+                scores = scores + (1.0 - keep_f) * jnp.asarray(large_negative, compute)
+                probs = jax.nn.softmax(scores, axis=softmax_axes) * keep_f
+            else:
+                probs = jax.nn.softmax(scores, axis=softmax_axes)
+            used = probs
+            if dropout_key is not None:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - layer.dropout, probs.shape)
+                used = jax.lax.select(keep, probs / jnp.asarray(1.0 - layer.dropout, compute),
+                                      jnp.zeros_like(probs))
+            context = jnp.einsum(combine_eq, used, v)
         if layer.use_gate:
             context = context * jax.nn.sigmoid(dense(query, "gate", qkv_eq))
         out = dense(context, "attention_output", out_eq)
@@ -189,6 +213,23 @@ def forward(spec: Spec) -> Callable[..., Any]:
         return out
 
     return fn
+
+
+def _blocked_context(spec: Spec, q: Any, kk: Any, v: Any, mask: Any, large_negative: float,
+                     block: tuple[int, int] | None) -> Any:
+    """The blocked core (`mhagen.blocked`) on 3-D inputs: context (B, T, N, Hv), no (T, S) scores."""
+    import jax.numpy as jnp
+
+    from .blocked import attention
+
+    allowed = None
+    if mask is not None:
+        allowed = mask != 0
+        while allowed.ndim < 4:                 # Keras' expansion: (B, T, S) -> (B, 1, T, S)
+            allowed = jnp.expand_dims(allowed, -3)
+    return attention(q, kk, v, mask=allowed, causal=spec.call.use_causal_mask,
+                     sliding_window=spec.layer.sliding_window, large_negative=large_negative,
+                     block=block)
 
 
 def _jax_dtype(name: str) -> Any:

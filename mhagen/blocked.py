@@ -1,0 +1,217 @@
+"""Blocked attention: the attention core without a (T, S) score matrix (flash-style).
+
+Keras' formulation materialises the scores `(B, N, T, S)`: 2 GiB per tensor at T = S = 8192 with 8
+heads. When the spec does not ask for the scores, the traced program can instead walk (batch, query)
+blocks and, for each, the key blocks it may see, keeping a running maximum and an unnormalised
+context and denominator (the online softmax). Memory is then O(T); with a causal mask or a sliding
+window, key blocks that no query of the block may attend to are skipped. Short sequences take one
+step per batch group, which keeps the scores of a step in the caches and is faster than Keras'
+formulation on CPU as well.
+
+The result is Keras' explicit path up to float rounding: masked scores get `large_negative` added
+before the softmax and masked probabilities are zeroed, so a query row with every key masked gets a
+zero context. The denominator sums the allowed terms only; Keras' also counts the masked ones, but
+they underflow to exactly 0 unless the whole row is masked, and then the context is 0 either way.
+
+    ctx = attention(q, k, v, causal=True)        # q (B, T, N, H), k (B, S, N, H), v (B, S, N, Hv)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .errors import SpecError
+from .spec import Spec
+
+__all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choose_path", "DEFAULT_BLOCK",
+           "SINGLE_BLOCK_MAX_SCORES", "STEP_SCORES_BYTES"]
+
+# Up to this many scores per (batch, head), T * S, one step covers all queries and keys (BERT at
+# T = 512, cross-attention at 128 x 1024); longer sequences are blocked with DEFAULT_BLOCK.
+SINGLE_BLOCK_MAX_SCORES = 1 << 20
+# Query and key block sizes past SINGLE_BLOCK_MAX_SCORES: at T = 8192 (causal, 8 heads x 64) 256 x 256
+# ran fastest of 64..512 x 256..1024 (0.76 s against 0.86-1.7 s) with the least memory but one.
+DEFAULT_BLOCK = (256, 256)
+# Batch elements per step: as many as keep one step's scores (b, N, bq, bk) within this many bytes.
+# Past it the softmax passes stream from memory: at B = 8, T = 512 one (8, 12, 512, 512) step ran
+# 1.5x slower than eight (1, 12, 512, 512) steps.
+STEP_SCORES_BYTES = 8 << 20
+
+
+class AttentionPath(enum.Enum):
+    """How `trace.forward` computes the attention core."""
+
+    AUTO = "auto"        # blocked wherever it computes the same result, else keras
+    KERAS = "keras"      # Keras' own einsum-softmax-einsum, (T, S) scores materialised
+    BLOCKED = "blocked"  # query x key blocks with an online softmax (this module)
+
+    @classmethod
+    def parse(cls, value: object) -> "AttentionPath":
+        for member in cls:
+            if value is member or value == member.value:
+                return member
+        raise SpecError(f"Received an invalid value for argument `attention`, expected one of "
+                        f"{[m.value for m in cls]}. Received: attention={value!r}")
+
+
+def blocked_eligible(spec: Spec) -> tuple[bool, str]:
+    """(True, "") when the blocked path computes this spec exactly, else (False, why not)."""
+    g = spec.geometry
+    if g.rank != 3 or g.attention_axes != (1,):
+        return False, "the blocked path needs 3-D inputs attending over axis 1"
+    if spec.call.return_attention_scores:
+        return False, "the spec returns the attention scores, which are the (T, S) matrix"
+    if spec.has_dropout:
+        return False, "dropout draws its keep-mask over the whole (T, S) matrix"
+    return True, ""
+
+
+def choose_path(spec: Spec, attention: AttentionPath | str = AttentionPath.AUTO) -> AttentionPath:
+    """Resolve `auto` for `spec`; refuse `blocked` where it would change the result."""
+    path = AttentionPath.parse(attention)
+    ok, why = blocked_eligible(spec)
+    if path is AttentionPath.BLOCKED and not ok:
+        raise SpecError(f"Received an invalid value for argument `attention`, expected a path this "
+                        f"spec supports ({why}). Received: attention='blocked'")
+    if path is AttentionPath.AUTO:
+        return AttentionPath.BLOCKED if ok else AttentionPath.KERAS
+    return path
+
+
+def _key_range(r0: int, r1: int, s_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:
+    """Keys [lo, hi) that some query row in [r0, r1) may see under the causal mask and window."""
+    lo, hi = 0, s_len
+    if causal:                                   # key j <= row (top-left aligned, as Keras)
+        hi = min(hi, r1)
+    if window is not None:                       # |row - j| < window
+        lo = max(lo, r0 - window + 1)
+        hi = min(hi, r1 + window - 1)
+    return lo, max(lo, hi)
+
+
+def _all_allowed(r0: int, r1: int, c0: int, c1: int, *, causal: bool, window: int | None) -> bool:
+    """Whether every (row, key) of the block passes the causal mask and the window."""
+    if causal and c1 - 1 > r0:
+        return False
+    if window is not None and max(r1 - 1 - c0, c1 - 1 - r0) >= window:
+        return False
+    return True
+
+
+class QueryRows(NamedTuple):
+    """Queries projected on demand: `project(source[:, r0:r1])` gives the projected, scaled query
+    rows [r0, r1), `(B, r1 - r0, N, H)`, of the layer's query input `source` `(B, T, Dq)`."""
+
+    source: Any
+    project: Callable[[Any], Any]
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    large_negative: float = -1e9,
+    block: tuple[int, int] | None = None,
+    batch_block: int | None = None,
+) -> Any:
+    """The attention context `(B, T, N, Hv)` of projected, scaled q `(B, T, N, H)`, k `(B, S, N, H)`
+    and v `(B, S, N, Hv)`, without materialising the scores.
+
+    `q` may also be a `QueryRows`: each query block is then projected when it is needed and the
+    whole Q is never held. `mask` is a boolean array that broadcasts to `(B, N, T, S)` (Keras'
+    expanded attention mask: `(B, 1, T, S)`, `(B, N, T, S)`, `(1, 1, T, S)`, size-1 axes allowed);
+    `causal` and `sliding_window` are Keras' causal mask and window along T and S. `block` is the
+    (query, key) block sizes and `batch_block` how many batch elements a step takes (default: as
+    many as keep one step's scores within `STEP_SCORES_BYTES`).
+
+    The blocks are static: the program holds one step per (batch, query block, key block) that
+    some query may attend to, and no loop (IREE would sync with the host on every iteration of a
+    loop whose offsets are computed on the device). Each step's scores `(N, bq, bk)` are meant to
+    stay in the CPU's caches.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    rows = q.source if isinstance(q, QueryRows) else q
+    B, T = rows.shape[0], rows.shape[1]
+    S, N, Hv = k.shape[1], k.shape[2], v.shape[3]
+    if block is None:
+        block = (T, S) if T * S <= SINGLE_BLOCK_MAX_SCORES else DEFAULT_BLOCK
+    bq, bk = block
+    dtype = k.dtype
+    zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+    penalty = jnp.asarray(large_negative, dtype)
+    # V with a column of ones: the same product then gives the softmax denominators, sum_j p_ij,
+    # without a reduction over the (bq, bk) probabilities. Masked p are zeroed first; Keras' own
+    # denominator also counts them, but they underflow to 0 unless the whole row is masked, and
+    # such a row's context is 0 either way.
+    v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        while mask.ndim < 4:
+            mask = mask[None]
+
+    def allowed(b0: int, b1: int, r0: int, r1: int, c0: int, c1: int) -> Any:
+        """Boolean (.., r1 - r0, c1 - c0) of the block, or None when every pair is allowed."""
+        ok = None
+        if not _all_allowed(r0, r1, c0, c1, causal=causal, window=sliding_window):
+            i = r0 + lax.broadcasted_iota(jnp.int32, (r1 - r0, c1 - c0), 0)
+            j = c0 + lax.broadcasted_iota(jnp.int32, (r1 - r0, c1 - c0), 1)
+            if causal:
+                ok = i >= j
+            if sliding_window is not None:
+                near = jnp.abs(i - j) < sliding_window
+                ok = near if ok is None else ok & near
+        if mask is not None:
+            bs = slice(b0, b1) if mask.shape[0] > 1 else slice(None)
+            rs = slice(r0, r1) if mask.shape[2] > 1 else slice(None)
+            cs = slice(c0, c1) if mask.shape[3] > 1 else slice(None)
+            m = mask[bs, :, rs, cs]
+            ok = m if ok is None else ok & m
+        return ok
+
+    if batch_block is None:
+        step = N * min(bq, T) * min(bk, S) * jnp.dtype(dtype).itemsize
+        batch_block = max(1, min(B, STEP_SCORES_BYTES // max(1, step)))
+    out = []
+    for b0 in range(0, B, batch_block):
+        b1 = min(B, b0 + batch_block)
+        blocks = []
+        for r0 in range(0, T, bq):
+            r1 = min(T, r0 + bq)
+            qi = rows[b0:b1, r0:r1]
+            if isinstance(q, QueryRows):
+                qi = q.project(qi)
+            lo, hi = _key_range(r0, r1, S, causal=causal, window=sliding_window)
+            acc = None                      # (m, [sum_j p v | sum_j p]) over the key blocks so far
+            for c0 in range(lo, hi, bk):
+                c1 = min(hi, c0 + bk)
+                # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk), slicing the projections in place.
+                s = lax.dot_general(qi, k[b0:b1, c0:c1], (((3,), (3,)), ((0, 2), (0, 2))))
+                ok = allowed(b0, b1, r0, r1, c0, c1)
+                if ok is not None:
+                    s = s + jnp.where(ok, zero, penalty)      # Keras: scores + (1 - mask) * -1e9
+                m = jnp.max(s, axis=-1, keepdims=True)
+                if acc is not None:
+                    m = jnp.maximum(acc[0], m)
+                p = jnp.exp(s - m)
+                if ok is not None:
+                    p = jnp.where(ok, p, zero)               # Keras: probs * mask
+                pv = lax.dot_general(p, v1[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2))))
+                if acc is not None:                          # online softmax: rescale the past
+                    pv = jnp.exp(acc[0] - m) * acc[1] + pv
+                acc = (m, pv)
+            if acc is None:                                  # no key in reach: zero context
+                blocks.append(jnp.zeros((b1 - b0, r1 - r0, N, Hv), dtype))
+                continue
+            num, den = acc[1][..., :Hv], acc[1][..., Hv:]
+            ctx = num / jnp.where(den > 0, den, one)         # all-masked rows: 0 / 1
+            blocks.append(jnp.transpose(ctx, (0, 2, 1, 3)))
+        out.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1))
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)

@@ -1,0 +1,151 @@
+"""The benchmark command (a smoke test: no timing is asserted) and the blocked attention path,
+which must match the float64 oracle at the f32 contract (1e-5) wherever it is taken."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mhagen
+from conftest import make_spec, unit_inputs
+from mhagen.blocked import AttentionPath, choose_path
+from mhagen.trace import forward, input_signature
+
+ATOL = 1e-5
+
+TINY = """
+[layer]
+num_heads = 2
+key_dim = 4
+seed = 0
+
+[call]
+query = [1, 6, 8]
+value = [1, 6, 8]
+use_causal_mask = true
+"""
+
+# Small shapes that put several query and key blocks, ragged last blocks, skipped blocks and
+# all-masked rows through the blocked path (forced, with blocks of 2 queries x 3 keys).
+BLOCKED_CASES = {
+    "self": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 7, 8], "value": [2, 7, 8]}),
+    "cross_key_value_dims": ({"num_heads": 2, "key_dim": 4, "value_dim": 3},
+                             {"query": [2, 5, 8], "value": [2, 11, 6], "key": [2, 11, 5]}),
+    "causal": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 9, 8], "value": [2, 9, 8], "use_causal_mask": True}),
+    "causal_T_lt_S": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 4, 8], "value": [2, 10, 8], "use_causal_mask": True}),
+    "causal_T_gt_S": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 10, 8], "value": [2, 4, 8], "use_causal_mask": True}),
+    "sliding_window": ({"num_heads": 2, "key_dim": 4, "sliding_window": 2}, {"query": [2, 9, 8], "value": [2, 9, 8]}),
+    "window_past_the_keys": ({"num_heads": 2, "key_dim": 4, "sliding_window": 2}, {"query": [2, 12, 8], "value": [2, 5, 8]}),
+    "mask_causal_window": ({"num_heads": 2, "key_dim": 4, "sliding_window": 3},
+                           {"query": [2, 9, 8], "value": [2, 9, 8], "use_causal_mask": True, "attention_mask": True}),
+    "mask_BNTS": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 5, 8], "value": [2, 7, 8], "attention_mask": [2, 2, 5, 7]}),
+    "mask_TS": ({"num_heads": 2, "key_dim": 4}, {"query": [2, 5, 8], "value": [2, 7, 8], "attention_mask": [5, 7]}),
+    "gate_no_bias": ({"num_heads": 2, "key_dim": 4, "use_gate": True, "use_bias": False},
+                     {"query": [2, 5, 8], "value": [2, 7, 8], "attention_mask": True}),
+}
+
+
+def _blocked_inputs(spec: mhagen.Spec) -> dict[str, np.ndarray]:
+    inputs = unit_inputs(spec, seed=1)
+    if "attention_mask" in inputs:   # one query row with every key masked: its context must be 0
+        mask = inputs["attention_mask"].copy()
+        mask[..., 1, :] = False
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["batch_together", "batch_apart"])
+@pytest.mark.parametrize("name", sorted(BLOCKED_CASES))
+def test_blocked_path_matches_oracle(name: str, per_batch: bool, monkeypatch) -> None:
+    import jax
+
+    import mhagen.blocked
+
+    if per_batch:   # one batch element per step, as long sequences have
+        monkeypatch.setattr(mhagen.blocked, "STEP_SCORES_BYTES", 1)
+    spec = make_spec(*BLOCKED_CASES[name])
+    weights = mhagen.init_weights(spec)
+    inputs = _blocked_inputs(spec)
+    fn = jax.jit(forward(spec, attention="blocked", block=(2, 3)))
+    got = np.asarray(fn(*(inputs[t.name] for t in input_signature(spec)), *weights))
+    want = mhagen.reference(spec, weights, **inputs)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mask_causal_window", "causal_T_gt_S"])
+def test_blocked_path_compiled_for_cpu_matches_oracle(name: str) -> None:
+    import iree.runtime as rt
+    import jax
+
+    from mhagen.compile import compile_program
+
+    spec = make_spec(*BLOCKED_CASES[name])
+    weights = mhagen.init_weights(spec)
+    inputs = _blocked_inputs(spec)
+    fn = forward(spec, attention="blocked", block=(2, 3))
+    sigs = input_signature(spec)
+    avals = [jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype)) for t in sigs]
+    text = jax.export.export(jax.jit(lambda *xs: fn(*xs, *weights)), platforms=["cpu"])(*avals).mlir_module()
+    vmfb = compile_program(text, "cpu").vmfb
+    config = rt.Config("local-task")
+    module = rt.VmModule.copy_buffer(config.vm_instance, vmfb)
+    main = rt.SystemContext(vm_modules=[module], config=config).modules[module.name]["main"]
+    args = [np.ascontiguousarray(np.asarray(inputs[t.name]).astype(t.dtype)) for t in sigs]
+    got = np.asarray(main(*args).to_host())
+    np.testing.assert_allclose(got, mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
+
+
+def test_auto_takes_blocked_path_only_where_it_is_exact() -> None:
+    long = {"query": [1, 1024, 8], "value": [1, 1024, 8], "use_causal_mask": True}
+    layer = {"num_heads": 2, "key_dim": 4}
+    assert choose_path(make_spec(layer, long)) is AttentionPath.BLOCKED
+    assert choose_path(make_spec(layer, {**long, "query": [1, 5, 8]})) is AttentionPath.BLOCKED
+    assert choose_path(make_spec(layer, long), "keras") is AttentionPath.KERAS
+    assert choose_path(make_spec(layer, {**long, "return_attention_scores": True})) is AttentionPath.KERAS
+    assert choose_path(make_spec({**layer, "dropout": 0.1}, {**long, "training": True})) is AttentionPath.KERAS
+    four_d = make_spec({**layer, "attention_axes": [1, 2]}, {"query": [1, 32, 32, 8], "value": [1, 32, 32, 8]})
+    assert choose_path(four_d) is AttentionPath.KERAS
+    with pytest.raises(mhagen.SpecError, match="argument `attention`.*scores"):
+        choose_path(make_spec(layer, {**long, "return_attention_scores": True}), "blocked")
+    with pytest.raises(mhagen.SpecError, match="expected one of"):
+        choose_path(make_spec(layer, long), "flash")
+
+
+def test_bench_command_writes_json(tmp_path) -> None:
+    from mhagen.cli import main
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(spec), "--repeats", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"cpu", "cores", "jax", "iree_compiler", "flags"} <= set(data["environment"])
+    (result,) = data["results"]
+    assert result["flops"] == mhagen.Spec.from_toml(TINY).flops
+    assert result["attention_path"] == "blocked"
+    assert result["max_abs_vs_jax"] < 1e-5
+    for impl in ("mhagen", "jax", "oracle"):
+        row = result["results"][impl]
+        assert len(row["times_ms"]) >= 3 and row["median_ms"] > 0 and row["gflops"] > 0
+        assert row["peak_mb"] is not None and row["peak_mb"] >= 0, row["note"]
+        assert row["ratio_to_jax"] > 0
+    assert result["results"]["jax"]["ratio_to_jax"] == 1.0
+
+
+def test_suite_writes_table(tmp_path) -> None:
+    from mhagen.bench import run_suite
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    results = run_suite(tmp_path, repeats=3, memory=False, oracle=False)
+    assert [r.name for r in results] == ["tiny"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| tiny |" in table and "speed-up vs jax.jit" in table
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["name"] == "tiny"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot written" in table
+    else:
+        assert (tmp_path / "results.png").stat().st_size > 0
