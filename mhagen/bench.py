@@ -1,0 +1,545 @@
+"""The benchmark: a compiled module against the same layer under `jax.jit` and the NumPy oracle.
+
+For one spec, in one process and on the same inputs and weights, it times
+
+- **mhagen**: the module compiled for a target, called through the IREE Python runtime with the
+  inputs already on the device;
+- **jax.jit**: the layer in Keras' own formulation (`trace.forward(spec, attention="keras")`, the
+  weights closed over as constants), jitted by XLA on the CPU: what a user gets from calling
+  `jax.jit` on the Keras layer;
+- **oracle**: the float64 NumPy oracle, where one call is cheap enough.
+
+Calls are warmed up, then interleaved (mhagen, jax, mhagen, ...) so that load from other processes
+hits both alike; the median is reported. GFLOP/s counts the spec's multiply-adds (`Spec.flops`).
+Peak memory is measured in a fresh subprocess per implementation: the most resident memory the
+first call adds to a process that already holds the module and the inputs (Linux `VmHWM` after
+resetting it, minus `VmRSS` before the call).
+
+    result = bench_spec(Spec.load("benchmarks/bert_base_b1_t512.toml"))
+    result.rows["mhagen"].median_ms, result.speedup
+
+`mhagen bench SPEC` prints one spec; `mhagen bench --suite benchmarks` runs every spec of a folder and
+writes `results.md`, `results.json` and `results.png` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MhagenError
+from .spec import Spec
+
+__all__ = ["ImplResult", "SpecResult", "bench_spec", "run_suite", "add_cli", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("mhagen", "jax", "oracle")
+# The oracle holds float64 scores and probabilities; past this many score elements one call takes
+# seconds and gigabytes, so it is skipped (the long-context specs).
+ORACLE_MAX_SCORES = 1 << 23
+# Repetitions: enough for a stable median, capped by a time budget per implementation and spec.
+DEFAULT_REPEATS = 30
+TIME_BUDGET_S = 6.0
+
+
+@dataclass
+class ImplResult:
+    """One implementation's timings on one spec (milliseconds), or why it was skipped."""
+
+    name: str
+    times_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+    @property
+    def min_ms(self) -> float | None:
+        return min(self.times_ms) if self.times_ms else None
+
+    def gflops(self, flops: int) -> float | None:
+        m = self.median_ms
+        return flops / (m * 1e6) if m else None
+
+
+@dataclass
+class SpecResult:
+    """Everything measured for one spec."""
+
+    name: str
+    spec: Spec
+    target: str
+    flops: int
+    data_mb: float
+    path: str
+    compile_s: float
+    max_abs_vs_jax: float | None
+    rows: dict[str, ImplResult]
+
+    @property
+    def speedup(self) -> float | None:
+        """jax.jit median / mhagen median: above 1, the compiled module is faster."""
+        return self.ratio("mhagen")
+
+    def ratio(self, impl: str) -> float | None:
+        a, b = self.rows["jax"].median_ms, self.rows[impl].median_ms
+        return a / b if a and b else None
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = {}
+        for name, r in self.rows.items():
+            rows[name] = {"median_ms": r.median_ms, "min_ms": r.min_ms, "times_ms": r.times_ms,
+                          "gflops": r.gflops(self.flops), "peak_mb": r.peak_mb,
+                          "ratio_to_jax": self.ratio(name), "note": r.note}
+        return {"name": self.name, "spec": self.spec.to_dict(), "target": self.target,
+                "flops": self.flops, "data_mb": self.data_mb, "attention_path": self.path,
+                "compile_s": self.compile_s, "max_abs_vs_jax": self.max_abs_vs_jax,
+                "speedup_vs_jax": self.speedup, "results": rows}
+
+
+# ---- the implementations -----------------------------------------------------------------------
+def _inputs(spec: Spec, seed: int) -> dict[str, np.ndarray]:
+    from .verify import random_inputs
+
+    return random_inputs(spec, seed)
+
+
+def _data_mb(spec: Spec, weights: Sequence[np.ndarray]) -> float:
+    """Inputs + weights + outputs, in MiB: what any implementation must hold."""
+    from .trace import input_signature, output_signature
+
+    def size(shape: Sequence[int], dtype: str) -> int:
+        return math.prod(shape) * np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize
+
+    total = sum(size(t.shape, t.dtype) for t in input_signature(spec) + output_signature(spec))
+    total += sum(np.asarray(w).nbytes for w in weights)
+    return total / 2**20
+
+
+def _mhagen_call(spec: Spec, weights: Any, inputs: dict[str, np.ndarray], target: str
+                 ) -> tuple[Callable[[], Any], Callable[[Any], np.ndarray], Any]:
+    """(call, to_host, layer): `call()` runs the compiled module on inputs already on the device."""
+    from .pipeline import build
+
+    layer = build(spec, target=target, weights=weights)
+    fn, arrays, _ = layer.prepare(**inputs)
+    device = layer._device
+    args = [device.to_device(np.ascontiguousarray(a)) for a in arrays]
+    function = layer._table[fn["name"]]
+
+    def call() -> Any:
+        return function(*args)
+
+    def to_host(result: Any) -> np.ndarray:
+        first = result[0] if isinstance(result, (list, tuple)) else result
+        return device.to_host(first)
+
+    return call, to_host, layer
+
+
+def _jax_call(spec: Spec, weights: Any, inputs: dict[str, np.ndarray]
+              ) -> tuple[Callable[[], Any], Callable[[Any], np.ndarray]]:
+    """The Keras formulation under `jax.jit`, compiled ahead of the timed calls."""
+    import jax
+
+    from .trace import forward, input_signature
+
+    fn = forward(spec, attention="keras")
+    consts = [np.asarray(w) for w in weights]
+    args = [jax.device_put(np.asarray(inputs[t.name]).astype(t.dtype)) for t in input_signature(spec)]
+    compiled = jax.jit(lambda *xs: fn(*xs, *consts)).lower(*args).compile()
+
+    def call() -> Any:
+        return jax.block_until_ready(compiled(*args))
+
+    def to_host(result: Any) -> np.ndarray:
+        return np.asarray(result[0] if isinstance(result, (list, tuple)) else result)
+
+    return call, to_host
+
+
+def _oracle_call(spec: Spec, weights: Any, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    from .oracle import reference
+
+    args = {k: v for k, v in inputs.items() if k != "dropout_key"}
+    return lambda: reference(spec, weights, **args)
+
+
+def _oracle_skip(spec: Spec) -> str:
+    n = math.prod(spec.geometry.scores_shape)
+    if n > ORACLE_MAX_SCORES:
+        return f"skipped: {n * 8 / 2**30:.1f} GiB of float64 scores per array"
+    return ""
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
+# ---- peak memory in a fresh process ------------------------------------------------------------
+def _status_mb(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    raise MhagenError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(impl: str, spec_path: str, target: str, seed: int) -> dict[str, float]:
+    """Runs in a fresh process: load `impl`, put the inputs in place, measure one call."""
+    import resource
+
+    spec = Spec.load(spec_path)
+    from .weights import init_weights
+
+    weights = init_weights(spec)
+    inputs = _inputs(spec, seed)
+    if impl == "mhagen":
+        call, _, _ = _mhagen_call(spec, weights, inputs, target)
+    elif impl == "jax":
+        call, _ = _jax_call(spec, weights, inputs)
+    else:
+        call = _oracle_call(spec, weights, inputs)
+    del inputs  # the module holds its own (device) copies
+    before = _status_mb("VmRSS")
+    if _reset_peak():
+        result = call()
+        peak = _status_mb("VmHWM")
+    else:   # no reset: the high-water mark so far is a lower bound of the call's own
+        result = call()
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _status_mb("VmRSS"))
+    del result
+    return {"rss_before_mb": before, "hwm_mb": peak, "peak_mb": max(0.0, peak - before)}
+
+
+def measure_peak(impl: str, spec: Spec, *, target: str = "cpu", seed: int = 0,
+                 timeout: float = 600.0) -> tuple[float | None, str]:
+    """(peak MiB of one `impl` call, note) measured in a fresh subprocess."""
+    with tempfile.TemporaryDirectory(prefix="mhagen-bench-") as tmp:
+        path = Path(tmp) / "spec.toml"
+        path.write_text(spec.to_toml())
+        cmd = [sys.executable, "-m", "mhagen.bench", "--memory-child", impl, str(path), target, str(seed)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"memory run timed out after {timeout:.0f} s"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"memory run failed: {tail[:200]}"
+    return float(json.loads(lines[-1])["peak_mb"]), ""
+
+
+# ---- one spec ----------------------------------------------------------------------------------
+def bench_spec(
+    spec: Spec,
+    *,
+    name: str = "spec",
+    target: str = "cpu",
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = 2,
+    budget_s: float = TIME_BUDGET_S,
+    memory: bool = True,
+    oracle: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> SpecResult:
+    """Time `spec` compiled for `target` against `jax.jit` and the oracle, on the same inputs.
+
+    At most `repeats` interleaved calls each, fewer when they would take more than `budget_s`
+    per implementation (never fewer than 3).
+    """
+    from .blocked import choose_path
+    from .weights import init_weights
+
+    say = progress or (lambda _msg: None)
+    weights = init_weights(spec)
+    inputs = _inputs(spec, seed)
+    rows = {impl: ImplResult(impl) for impl in IMPLEMENTATIONS}
+
+    say(f"{name}: compiling for {target}")
+    start = time.perf_counter()
+    m_call, m_host, layer = _mhagen_call(spec, weights, inputs, target)
+    compile_s = layer.compile_seconds or (time.perf_counter() - start)
+    say(f"{name}: jax.jit")
+    j_call, j_host = _jax_call(spec, weights, inputs)
+
+    say(f"{name}: warming up")
+    first = {}
+    for _ in range(max(1, warmup)):
+        first["mhagen"] = _timed(m_call)
+        first["jax"] = _timed(j_call)
+    diff = np.abs(m_host(m_call()).astype(np.float64) - j_host(j_call()).astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+
+    slowest = max(first.values()) / 1e3
+    n = int(max(3, min(repeats, budget_s / max(slowest, 1e-6))))
+    say(f"{name}: timing {n} interleaved calls")
+    for i in range(n):
+        order = ("mhagen", "jax") if i % 2 == 0 else ("jax", "mhagen")
+        for impl in order:
+            rows[impl].times_ms.append(_timed(m_call if impl == "mhagen" else j_call))
+
+    skip = _oracle_skip(spec) if oracle else "skipped (--no-oracle)"
+    if skip:
+        rows["oracle"].note = skip
+    else:
+        say(f"{name}: oracle")
+        o_call = _oracle_call(spec, weights, inputs)
+        one = _timed(o_call)
+        rows["oracle"].times_ms.append(one)
+        for _ in range(int(min(4, budget_s / 2 / max(one / 1e3, 1e-6)))):
+            rows["oracle"].times_ms.append(_timed(o_call))
+    del m_call, j_call, layer
+
+    if memory:
+        for impl in IMPLEMENTATIONS:
+            if rows[impl].note:
+                continue
+            say(f"{name}: peak memory of {impl} (fresh process)")
+            rows[impl].peak_mb, note = measure_peak(impl, spec, target=target, seed=seed)
+            if note:
+                rows[impl].note = note
+    return SpecResult(name=name, spec=spec, target=target, flops=spec.flops,
+                      data_mb=_data_mb(spec, weights), path=choose_path(spec).value,
+                      compile_s=compile_s, max_abs_vs_jax=max_abs, rows=rows)
+
+
+# ---- reports -----------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def environment(target: str = "cpu") -> dict[str, Any]:
+    """The machine and versions a result was measured with."""
+    import importlib.metadata as md
+
+    from .targets import compile_flags, get_target
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "unknown"
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "jax": version("jax"), "jaxlib": version("jaxlib"),
+            "iree_compiler": version("iree-base-compiler"), "iree_runtime": version("iree-base-runtime"),
+            "target": target, "flags": compile_flags(get_target(target))}
+
+
+def _shape_text(spec: Spec) -> str:
+    g = spec.geometry
+    text = f"q{list(g.query_shape)}"
+    if g.value_shape != g.query_shape:
+        text += f" kv{list(g.value_shape)}"
+    extras = [f"{g.num_heads}x{g.key_dim}"]
+    if spec.call.use_causal_mask:
+        extras.append("causal")
+    if spec.has_mask:
+        extras.append("mask")
+    if len(g.attention_axes) > 1:
+        extras.append(f"axes {list(g.attention_axes)}")
+    return text + " " + ", ".join(extras)
+
+
+def markdown_table(results: Sequence[SpecResult]) -> str:
+    """One row per spec: the three implementations side by side, and mhagen's speed-up."""
+    head = ("| spec | shape | GFLOP | mhagen ms | GFLOP/s | peak MB | jax.jit ms | GFLOP/s | peak MB "
+            "| oracle ms | data MB | speed-up vs jax.jit |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        m, j, o = r.rows["mhagen"], r.rows["jax"], r.rows["oracle"]
+        lines.append("| " + " | ".join([
+            r.name, _shape_text(r.spec), f"{r.flops / 1e9:.2f}",
+            _fmt(m.median_ms, ".1f"), _fmt(m.gflops(r.flops), ".0f"), _fmt(m.peak_mb, ".0f"),
+            _fmt(j.median_ms, ".1f"), _fmt(j.gflops(r.flops), ".0f"), _fmt(j.peak_mb, ".0f"),
+            _fmt(o.median_ms, ".0f") if o.times_ms else "skipped",
+            f"{r.data_mb:.0f}", f"**{r.speedup:.2f}x**" if r.speedup else "",
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(r: SpecResult) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"mhagen bench {r.name} ({_shape_text(r.spec)}; {r.flops / 1e9:.2f} GFLOP; "
+                        f"{r.path} attention; data {r.data_mb:.0f} MB)")
+    for col in ("implementation", "median ms", "min ms", "calls", "GFLOP/s", "peak MB", "ratio to jax.jit",
+                "note"):
+        table.add_column(col)
+    labels = {"mhagen": f"mhagen ({r.target}, IREE)", "jax": "jax.jit (XLA CPU)", "oracle": "NumPy oracle (f64)"}
+    for name, row in r.rows.items():
+        ratio = r.ratio(name)
+        table.add_row(labels[name], _fmt(row.median_ms, ".2f"), _fmt(row.min_ms, ".2f"), str(len(row.times_ms)),
+                      _fmt(row.gflops(r.flops), ".1f"), _fmt(row.peak_mb, ".0f"),
+                      "" if ratio is None else f"{ratio:.2f}x", row.note)
+    return table
+
+
+def plot(results: Sequence[SpecResult], path: Path) -> str:
+    """Bar charts of median time and peak memory per spec; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'mhagen[bench]'): no plot written"
+    names = [r.name for r in results]
+    x = np.arange(len(names))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(names)), 8), sharex=True)
+    w = 0.38
+    for i, (impl, label, color) in enumerate((("mhagen", "mhagen (IREE, cpu)", "#1f77b4"),
+                                               ("jax", "jax.jit (XLA)", "#ff7f0e"))):
+        ms = [r.rows[impl].median_ms or 0 for r in results]
+        mb = [r.rows[impl].peak_mb or 0 for r in results]
+        ax1.bar(x + (i - 0.5) * w, ms, w, label=label, color=color)
+        ax2.bar(x + (i - 0.5) * w, mb, w, label=label, color=color)
+    for xi, r in zip(x, results):
+        if r.speedup:
+            top = max(r.rows["mhagen"].median_ms or 0, r.rows["jax"].median_ms or 0)
+            ax1.annotate(f"{r.speedup:.2f}x", (xi, top), ha="center", va="bottom", fontsize=8)
+    ax2.plot(x, [r.data_mb for r in results], "k_", markersize=18, label="inputs + weights + outputs")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("median ms (log)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("peak MB of one call (log)")
+    ax1.set_title("mhagen vs jax.jit on this CPU (labels: speed-up of mhagen)")
+    ax1.legend()
+    ax2.legend()
+    ax2.set_xticks(x, names, rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ""
+
+
+def run_suite(
+    folder: str | Path,
+    *,
+    target: str = "cpu",
+    out: str | Path | None = None,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> list[SpecResult]:
+    """Bench every `*.toml` spec in `folder`; write results.md, results.json and results.png to `out`."""
+    folder = Path(folder)
+    specs = sorted(folder.glob("*.toml"))
+    if not specs:
+        raise MhagenError(f"Received an invalid value for argument `suite`, expected a folder with "
+                          f"spec files (*.toml). Received: suite={str(folder)!r}")
+    out = Path(out) if out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = [bench_spec(Spec.load(p), name=p.stem, target=target, memory=memory, progress=progress,
+                          **kwargs) for p in specs]
+    seconds = time.perf_counter() - start
+    env = environment(target)
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "seconds": seconds, "results": [r.to_dict() for r in results]}, indent=2))
+    note = plot(results, out / "results.png")
+    text = [f"# mhagen bench: {target} vs jax.jit\n",
+            f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, IREE {env['iree_compiler']}; "
+            f"flags `{' '.join(env['flags'])}`. Suite run time {seconds / 60:.1f} min.\n",
+            markdown_table(results),
+            "\nmedian of interleaved calls with the inputs on the device; GFLOP/s from the spec's "
+            "multiply-adds; peak MB: the most memory one call adds to a fresh process holding the "
+            "module and the inputs; data MB: inputs + weights + outputs; speed-up: jax.jit median / "
+            "mhagen median.\n"]
+    if note:
+        text.append(f"\n({note})\n")
+    (out / "results.md").write_text("\n".join(text))
+    return results
+
+
+# ---- command line ------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out = Console(width=200)
+
+    def progress(msg: str) -> None:
+        console.print(f"[dim]{msg}...[/dim]")
+
+    common = dict(target=args.target, repeats=args.repeats, memory=not args.no_memory,
+                  oracle=not args.no_oracle, progress=progress)
+    if args.suite:
+        start = time.perf_counter()
+        results = run_suite(args.suite, out=args.out, **common)
+        folder = Path(args.out or args.suite)
+        out.print(markdown_table(results))
+        out.print(f"wrote {folder / 'results.md'}, {folder / 'results.json'}"
+                  f"{', ' + str(folder / 'results.png') if (folder / 'results.png').exists() else ''} "
+                  f"in {(time.perf_counter() - start) / 60:.1f} min")
+    else:
+        if not args.spec:
+            raise MhagenError("Received an invalid value for argument `spec`, expected a spec file "
+                              "(or --suite FOLDER). Received: spec=None")
+        results = [bench_spec(Spec.load(args.spec), name=Path(args.spec).stem, **common)]
+        out.print(rich_table(results[0]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"environment": environment(args.target), "results": [r.to_dict() for r in results]}, indent=2))
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time the compiled module against jax.jit and the NumPy oracle on this CPU")
+    p.add_argument("spec", nargs="?", help="spec TOML file")
+    p.add_argument("--suite", metavar="FOLDER", help="bench every spec in FOLDER; write results.md, "
+                   "results.json and results.png there (or in --out)")
+    p.add_argument("--out", help="folder for the suite's results (default: the suite folder)")
+    p.add_argument("--target", default="cpu", help="target to compile for (default cpu)")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help=f"most timed calls per implementation (default {DEFAULT_REPEATS}; fewer when "
+                   f"they would take over {TIME_BUDGET_S:.0f} s)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-oracle", action="store_true", help="do not time the NumPy oracle")
+    p.set_defaults(func=_cmd_bench)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--memory-child":
+        print(json.dumps(_memory_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        sys.exit(0)
+    sys.exit("usage: python -m mhagen.bench --memory-child IMPL SPEC.toml TARGET SEED")
