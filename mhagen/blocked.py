@@ -147,11 +147,6 @@ def attention(
     dtype = k.dtype
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
     penalty = jnp.asarray(large_negative, dtype)
-    # V with a column of ones: the same product then gives the softmax denominators, sum_j p_ij,
-    # without a reduction over the (bq, bk) probabilities. Masked p are zeroed first; Keras' own
-    # denominator also counts them, but they underflow to 0 unless the whole row is masked, and
-    # such a row's context is 0 either way.
-    v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
     if mask is not None:
         mask = jnp.asarray(mask)
         while mask.ndim < 4:
@@ -189,7 +184,7 @@ def attention(
             if isinstance(q, QueryRows):
                 qi = q.project(qi)
             lo, hi = _key_range(r0, r1, S, causal=causal, window=sliding_window)
-            acc = None                      # (m, [sum_j p v | sum_j p]) over the key blocks so far
+            state = None                    # (running max, sum_j p v, sum_j p) over the key blocks
             for c0 in range(lo, hi, bk):
                 c1 = min(hi, c0 + bk)
                 # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk), slicing the projections in place.
@@ -198,20 +193,21 @@ def attention(
                 if ok is not None:
                     s = s + jnp.where(ok, zero, penalty)      # Keras: scores + (1 - mask) * -1e9
                 m = jnp.max(s, axis=-1, keepdims=True)
-                if acc is not None:
-                    m = jnp.maximum(acc[0], m)
+                if state is not None:
+                    m = jnp.maximum(state[0], m)
                 p = jnp.exp(s - m)
                 if ok is not None:
                     p = jnp.where(ok, p, zero)               # Keras: probs * mask
-                pv = lax.dot_general(p, v1[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2))))
-                if acc is not None:                          # online softmax: rescale the past
-                    pv = jnp.exp(acc[0] - m) * acc[1] + pv
-                acc = (m, pv)
-            if acc is None:                                  # no key in reach: zero context
+                num = lax.dot_general(p, v[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2))))
+                den = jnp.sum(p, axis=-1, keepdims=True)
+                if state is not None:                        # online softmax: rescale the past
+                    scale = jnp.exp(state[0] - m)
+                    num, den = scale * state[1] + num, scale * state[2] + den
+                state = (m, num, den)
+            if state is None:                                # no key in reach: zero context
                 blocks.append(jnp.zeros((b1 - b0, r1 - r0, N, Hv), dtype))
                 continue
-            num, den = acc[1][..., :Hv], acc[1][..., Hv:]
-            ctx = num / jnp.where(den > 0, den, one)         # all-masked rows: 0 / 1
+            ctx = state[1] / jnp.where(state[2] > 0, state[2], one)   # all-masked rows: 0 / 1
             blocks.append(jnp.transpose(ctx, (0, 2, 1, 3)))
         out.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
