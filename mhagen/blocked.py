@@ -31,13 +31,15 @@ __all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choos
 # Up to this many scores per (batch, head), T * S, one step covers all queries and keys (BERT at
 # T = 512, cross-attention at 128 x 1024); longer sequences are blocked with DEFAULT_BLOCK.
 SINGLE_BLOCK_MAX_SCORES = 1 << 20
-# Query and key block sizes past SINGLE_BLOCK_MAX_SCORES: at T = 8192 (causal, 8 heads x 64) 256 x 256
-# ran fastest of 64..512 x 256..1024 (0.76 s against 0.86-1.7 s) with the least memory but one.
+# Query and key block sizes past SINGLE_BLOCK_MAX_SCORES. At T = 8192 (causal, 8 heads x 64) 256 x 256
+# ran in 0.76-0.86 s; 128 x 512, 128 x 1024, 512 x 256 and 64 x 1024 took 0.9-1.8 s, and smaller
+# blocks need twice the compile time for 5 % less memory.
 DEFAULT_BLOCK = (256, 256)
-# Batch elements per step: as many as keep one step's scores (b, N, bq, bk) within this many bytes.
-# Past it the softmax passes stream from memory: at B = 8, T = 512 one (8, 12, 512, 512) step ran
-# 1.5x slower than eight (1, 12, 512, 512) steps.
-STEP_SCORES_BYTES = 8 << 20
+# Batch elements per step: as many as keep one step's scores (b, N, bq, bk) within this many bytes,
+# so that the softmax passes stay in the caches. BERT-base at B = 8, T = 512: 274 ms with the whole
+# batch in one step, 167 ms with one element per step (jax.jit: 216-254 ms); at B = 8, T = 128:
+# 45.0 ms against 43.5 ms.
+STEP_SCORES_BYTES = 1 << 20
 
 
 class AttentionPath(enum.Enum):
@@ -144,6 +146,8 @@ def attention(
     if block is None:
         block = (T, S) if T * S <= SINGLE_BLOCK_MAX_SCORES else DEFAULT_BLOCK
     bq, bk = block
+    if isinstance(q, QueryRows) and bq >= T:
+        q = rows = q.project(q.source)    # one query block: one projection, as large as it gets
     dtype = k.dtype
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
     penalty = jnp.asarray(large_negative, dtype)
@@ -184,7 +188,7 @@ def attention(
             if isinstance(q, QueryRows):
                 qi = q.project(qi)
             lo, hi = _key_range(r0, r1, S, causal=causal, window=sliding_window)
-            state = None                    # (running max, sum_j p v, sum_j p) over the key blocks
+            state = None                    # (running max, [sum_j p v | sum_j p]) over the key blocks
             for c0 in range(lo, hi, bk):
                 c1 = min(hi, c0 + bk)
                 # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk), slicing the projections in place.
@@ -198,16 +202,18 @@ def attention(
                 p = jnp.exp(s - m)
                 if ok is not None:
                     p = jnp.where(ok, p, zero)               # Keras: probs * mask
-                num = lax.dot_general(p, v[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2))))
-                den = jnp.sum(p, axis=-1, keepdims=True)
+                # [sum_j p v | sum_j p]: the context and its denominator rescale as one array.
+                pv = jnp.concatenate([
+                    lax.dot_general(p, v[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2)))),
+                    jnp.sum(p, axis=-1, keepdims=True)], axis=-1)
                 if state is not None:                        # online softmax: rescale the past
-                    scale = jnp.exp(state[0] - m)
-                    num, den = scale * state[1] + num, scale * state[2] + den
-                state = (m, num, den)
+                    pv = jnp.exp(state[0] - m) * state[1] + pv
+                state = (m, pv)
             if state is None:                                # no key in reach: zero context
                 blocks.append(jnp.zeros((b1 - b0, r1 - r0, N, Hv), dtype))
                 continue
-            ctx = state[1] / jnp.where(state[2] > 0, state[2], one)   # all-masked rows: 0 / 1
+            num, den = state[1][..., :Hv], state[1][..., Hv:]
+            ctx = num / jnp.where(den > 0, den, one)         # all-masked rows: 0 / 1
             blocks.append(jnp.transpose(ctx, (0, 2, 1, 3)))
         out.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
