@@ -261,23 +261,7 @@ def bucket_spec(spec: Spec, batch: int | None, seq: int | None) -> Spec:
     """The static spec one bucket compiles: batch and/or seq set, keys maskable when seq is padded."""
     if batch is None and seq is None:
         return spec
-
-    def resize(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if shape is None:
-            return None
-        out = list(shape)
-        if batch is not None:
-            out[0] = batch
-        if seq is not None:
-            out[1] = seq
-        return tuple(out)
-
-    call = spec.call
-    return spec.replace(call={
-        "query": resize(call.query), "value": resize(call.value), "key": resize(call.key),
-        "attention_mask": True if (spec.has_mask or seq is not None) else False,
-        "dynamic": (), "max_batch": None, "max_seq": None,
-    })
+    return spec.at_size(batch, seq, seq, attention_mask=spec.has_mask or seq is not None)
 
 
 def interface(spec: Spec, functions: list[dict[str, Any]]) -> dict[str, Any]:
