@@ -28,15 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
 from . import __version__
 from .compile import check_dtype, compile_program, compiler_version
 from .errors import BundleError, MhagenError
+from .program import render
 from .runtime import MANIFEST_VERSION, load_bundle, runtime_version, sha256_file
 from .spec import Spec
-from .targets import Target, availability, data_dir, host_arch, host_cpu_features
+from .runtime import host_arch, host_cpu_features
+from .targets import Target, availability
 from .trace import WeightsMode, trace
 from .weights import normalize_weights, weight_names
 
@@ -97,12 +98,6 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _render(name: str, **context: Any) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.get_template(name).render(**context)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -192,7 +187,7 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
                 _say(progress, f"verify {target.name}: {entry['verify']['status']}"
                      + (f" (max abs err {entry['verify']['max_abs']:.2g})" if entry["verify"].get("max_abs")
                         is not None else f" ({entry['verify'].get('reason', '')})"))
-        _write_render(staging, manifest)
+        _writerender(staging, manifest)
         _write_manifest(staging, manifest)
         _swap_in(staging, out)
     except BaseException:
@@ -205,10 +200,10 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
     return out
 
 
-def _write_render(staging: Path, manifest: dict[str, Any]) -> None:
+def _writerender(staging: Path, manifest: dict[str, Any]) -> None:
     context = {"m": manifest, "targets": manifest["targets"], "interface": manifest["interface"]}
-    (staging / "run.py").write_text(_render("run.py.j2", **context))
-    (staging / "README.md").write_text(_render("bundle_README.md.j2", **context))
+    (staging / "run.py").write_text(render("run.py.j2", **context))
+    (staging / "README.md").write_text(render("bundle_README.md.j2", **context))
 
 
 def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:

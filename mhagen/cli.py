@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split("\n")[0:1]) if text else "unknown error"
+    return text.splitlines()[0] if text.strip() else "unknown error"
 
 
 if __name__ == "__main__":

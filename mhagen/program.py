@@ -19,7 +19,7 @@ import numpy as np
 
 from .targets import data_dir
 
-__all__ = ["strip_locations", "mlir_type", "Entry", "assemble", "PARAMETER_SCOPE"]
+__all__ = ["strip_locations", "mlir_type", "Entry", "assemble", "render", "PARAMETER_SCOPE"]
 
 PARAMETER_SCOPE = "model"
 _MLIR_ELEMENT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int32": "i32",
@@ -76,10 +76,14 @@ def _body(text: str, prefix: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.get_template("module.mlir.j2")
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render(name: str, **context: object) -> str:
+    """Render one of `templates/` (MLIR glue, a bundle's run.py and README)."""
+    return _environment().get_template(name).render(**context)
 
 
 def _dense(array: np.ndarray) -> str:
@@ -104,6 +108,6 @@ def assemble(entries: Sequence[Entry], weights: Sequence[tuple[str, np.ndarray]]
             "results": list(entry.result_types),
             "impl_arg_types": list(entry.arg_types) + [g.type for g in globals_],
         })
-    return _template().render(
-        description=description, functions=functions, globals=globals_,
+    return render(
+        "module.mlir.j2", description=description, functions=functions, globals=globals_,
         weights_mode="parameters" if parameters else "inline")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import platform
 import re
 import threading
@@ -146,7 +145,7 @@ def load_module(vmfb: bytes, driver: str, *, parameters: Any = None) -> tuple[De
     return device, (context, functions)
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes
 
@@ -207,7 +206,7 @@ class CompiledLayer:
     # -- argument checking ----------------------------------------------------------------------
     def _array(self, name: str, value: Any, dtype: str) -> np.ndarray:
         array = np.asarray(value)
-        want = _np_dtype(dtype)
+        want = np_dtype(dtype)
         if array.dtype != want:
             floating = np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
             if not floating:
@@ -220,7 +219,7 @@ class CompiledLayer:
         """Check shapes against the signature; returns the actual (batch, seq)."""
         dynamic = self.interface.get("dynamic", [])
         by_name = {s.name: s for s in self.inputs}
-        batch = seq = None
+        batch = None
         for name, array in arrays.items():
             sig = by_name[name]
             if not dynamic:
@@ -248,9 +247,6 @@ class CompiledLayer:
         if "seq" in dynamic and s is not None and s > self.interface["max_seq"]:
             raise CallError(f"sequence length {s} is larger than this build's max_seq "
                             f"{self.interface['max_seq']}")
-        if "seq" not in dynamic:
-            # T and S may only differ from the declared sizes where the seq axis is dynamic.
-            pass
         return b, s
 
     def _function_for(self, batch: int, seq: int | None) -> dict[str, Any]:
@@ -317,7 +313,7 @@ class CompiledLayer:
                 declared = self._actual_mask_shape(shape, batch, t_len, s_len)
                 mask = (np.ones(declared, bool) if attention_mask is None
                         else self._mask(attention_mask, declared))
-                out.append(_pad(mask, shape).astype(_np_dtype(dtype)))   # padded keys stay masked
+                out.append(_pad(mask, shape).astype(np_dtype(dtype)))   # padded keys stay masked
             elif name == "dropout_key":
                 out.append(self._dropout_key(dropout_key))
             else:
@@ -410,19 +406,22 @@ def runtime_version() -> str:
         return "unknown"
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
+    """This machine's CPU architecture, in the spelling target files use (x86_64, aarch64, ...)."""
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
-def _host_cpu_features() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def host_cpu_features() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def read_manifest(bundle: str | Path) -> dict[str, Any]:
@@ -460,13 +459,13 @@ def check_files(bundle: Path, manifest: Mapping[str, Any], names: Sequence[str])
 def check_machine(target: Mapping[str, Any]) -> None:
     """Refuse a module built for another CPU, or a runtime of another IREE version."""
     arch = target.get("arch", "any")
-    host = _host_arch()
+    host = host_arch()
     if arch == "host":
         arch = target.get("built_on", {}).get("arch", host)
     if arch not in ("any", host):
         raise BundleError(f"target `{target['name']}` was compiled for {arch} CPUs; this machine is {host}")
     needed = set(target.get("cpu_features", []))
-    missing = sorted(needed - _host_cpu_features()) if needed else []
+    missing = sorted(needed - host_cpu_features()) if needed else []
     if missing:
         raise BundleError(f"target `{target['name']}` was compiled for a CPU with "
                           f"{', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}, which this CPU lacks; "

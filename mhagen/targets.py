@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import TargetError
+from .runtime import host_arch, host_cpu_features
 
 __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flags", "host_arch",
            "Availability", "availability", "data_dir"]
@@ -159,23 +159,6 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
 def compile_flags(target: Target) -> list[str]:
     """The IREE compiler flags for `target` (pure: no compiler is run)."""
     return [f"--iree-hal-target-backends={target.backend}", *target.flags]
-
-
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-@functools.lru_cache(maxsize=1)
-def host_cpu_features() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 @dataclass(frozen=True)

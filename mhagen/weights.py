@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import WeightsError
+from .runtime import np_dtype
 from .spec import Spec
 
 __all__ = ["init_weights", "normalize_weights", "weight_names"]
@@ -89,21 +90,13 @@ def init_weights(spec: Spec) -> list[np.ndarray]:
         weights = init_weights(spec)      # [query/kernel (Dq, N, H), query/bias (N, H), ...]
     """
     seed = spec.layer.seed if spec.layer.seed is not None else 0
-    dtype = _np_dtype(spec.call.dtype_policy.variable)
+    dtype = np_dtype(spec.call.dtype_policy.variable)
     out = []
     for index, (name, shape) in enumerate(_shapes(spec)):
         rng = np.random.default_rng([seed, index])
         init = spec.layer.kernel_initializer if name.endswith("/kernel") else spec.layer.bias_initializer
         out.append(np.asarray(_draw(init, name, shape, rng), dtype=dtype))
     return out
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def normalize_weights(spec: Spec, weights: Sequence[Any] | Mapping[str, Any] | None) -> list[np.ndarray]:
@@ -132,7 +125,7 @@ def normalize_weights(spec: Spec, weights: Sequence[Any] | Mapping[str, Any] | N
         raise WeightsError("Received weights of type "
                            f"{type(weights).__name__}, expected a list in get_weights() order or a "
                            "dict keyed by weight path")
-    dtype = _np_dtype(spec.call.dtype_policy.variable)
+    dtype = np_dtype(spec.call.dtype_policy.variable)
     out = []
     for (name, shape), value in zip(shapes, items):
         array = np.asarray(value)
