@@ -347,8 +347,6 @@ def environment(target: str = "cpu") -> dict[str, Any]:
     """The machine and versions a result was measured with."""
     import importlib.metadata as md
 
-    from .targets import compile_flags, get_target
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -367,7 +365,18 @@ def environment(target: str = "cpu") -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "jax": version("jax"), "jaxlib": version("jaxlib"),
             "iree_compiler": version("iree-base-compiler"), "iree_runtime": version("iree-base-runtime"),
-            "target": target, "flags": compile_flags(get_target(target))}
+            "target": target, **_target_flags(target)}
+
+
+def _target_flags(target: str) -> dict[str, Any]:
+    """The target's flags as its TOML states them, and its tuning spec by name (no local paths)."""
+    from .targets import get_target
+
+    t = get_target(target)
+    out: dict[str, Any] = {"flags": [f"--iree-hal-target-backends={t.backend}", *t.flags]}
+    if t.tuning_spec:
+        out["tuning_spec"] = Path(t.tuning_spec).name
+    return out
 
 
 def _shape_text(spec: Spec) -> str:
@@ -485,9 +494,11 @@ def run_suite(
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "seconds": seconds, "results": [r.to_dict() for r in results]}, indent=2))
     note = plot(results, out / "results.png")
+    tuning = f", tuning spec `{env['tuning_spec']}`" if env.get("tuning_spec") else ""
     text = [f"# mhagen bench: {target} vs jax.jit\n",
             f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, IREE {env['iree_compiler']}; "
-            f"flags `{' '.join(env['flags'])}`. Suite run time {seconds / 60:.1f} min; load average "
+            f"flags `{' '.join(env['flags'])}`"
+            f"{tuning}. Suite run time {seconds / 60:.1f} min; load average "
             f"{load_before:.2f} before, {env['load_average']['after_1min']:.2f} after.\n",
             markdown_table(results),
             "\nmedian of interleaved calls with the inputs on the device; GFLOP/s from the spec's "

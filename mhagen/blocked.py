@@ -25,8 +25,9 @@ from typing import Any, NamedTuple
 from .errors import SpecError
 from .spec import Spec
 
-__all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choose_path", "DEFAULT_BLOCK",
-           "SINGLE_BLOCK_MAX_SCORES", "STEP_SCORES_BYTES"]
+__all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choose_path", "default_block",
+           "DEFAULT_BLOCK", "MIN_QUERY_BLOCK", "QUERY_BLOCK_SCORES_BYTES", "SINGLE_BLOCK_MAX_SCORES",
+           "STEP_SCORES_BYTES"]
 
 # Up to this many scores per (batch, head), T * S, one step covers all queries and keys (BERT at
 # T = 512, cross-attention at 128 x 1024); longer sequences are blocked with DEFAULT_BLOCK.
@@ -35,6 +36,13 @@ SINGLE_BLOCK_MAX_SCORES = 1 << 20
 # ran in 0.76-0.86 s; 128 x 512, 128 x 1024, 512 x 256 and 64 x 1024 took 0.9-1.8 s, and smaller
 # blocks need twice the compile time for 5 % less memory.
 DEFAULT_BLOCK = (256, 256)
+# Up to SINGLE_BLOCK_MAX_SCORES, the queries of one batch element are still split into blocks of
+# rows (powers of two, at least MIN_QUERY_BLOCK) until one step's scores (N, bq, S) fit this many
+# bytes, so that the scores go from the matmul through the softmax to the second matmul within
+# the caches. BERT-base at B = 1, T = 512 (12.6 MB of scores): 128-row blocks ran in 22.3-23.5 ms
+# against 24.5-25.3 ms in one step (jax.jit 28.2-28.4 ms, interleaved in one process).
+QUERY_BLOCK_SCORES_BYTES = 4 << 20
+MIN_QUERY_BLOCK = 32
 # Batch elements per step: as many as keep one step's scores (b, N, bq, bk) within this many bytes,
 # so that the softmax passes stay in the caches. BERT-base at B = 8, T = 512: 245 ms with the whole
 # batch in one step, 167 ms with one element per step (jax.jit: 216-254 ms); at B = 8, T = 128:
@@ -80,6 +88,21 @@ def choose_path(spec: Spec, attention: AttentionPath | str = AttentionPath.AUTO)
     if path is AttentionPath.AUTO:
         return AttentionPath.BLOCKED if ok else AttentionPath.KERAS
     return path
+
+
+def default_block(T: int, S: int, heads: int, itemsize: int) -> tuple[int, int]:
+    """(query rows, keys) per step: all keys up to SINGLE_BLOCK_MAX_SCORES, with the queries halved
+    until a step's scores fit QUERY_BLOCK_SCORES_BYTES; DEFAULT_BLOCK past that.
+
+    >>> default_block(512, 512, 12, 4)      # BERT-base at T = 512: 4 steps of 128 query rows
+    (128, 512)
+    """
+    if T * S > SINGLE_BLOCK_MAX_SCORES:
+        return DEFAULT_BLOCK
+    bq = T
+    while bq > MIN_QUERY_BLOCK and heads * bq * S * itemsize > QUERY_BLOCK_SCORES_BYTES:
+        bq = (bq + 1) // 2
+    return bq, S
 
 
 def _key_range(r0: int, r1: int, s_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:
@@ -143,12 +166,11 @@ def attention(
     rows = q.source if isinstance(q, QueryRows) else q
     B, T = rows.shape[0], rows.shape[1]
     S, N, Hv = k.shape[1], k.shape[2], v.shape[3]
-    if block is None:
-        block = (T, S) if T * S <= SINGLE_BLOCK_MAX_SCORES else DEFAULT_BLOCK
-    bq, bk = block
-    if isinstance(q, QueryRows) and bq >= T:
-        q = rows = q.project(q.source)    # one query block: one projection, as large as it gets
     dtype = k.dtype
+    itemsize = jnp.dtype(dtype).itemsize
+    bq, bk = block or default_block(T, S, N, itemsize)
+    if isinstance(q, QueryRows) and bk >= S:
+        q = rows = q.project(q.source)    # one key block: one projection, as large as it gets
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
     penalty = jnp.asarray(large_negative, dtype)
     if mask is not None:
@@ -176,7 +198,7 @@ def attention(
         return ok
 
     if batch_block is None:
-        step = N * min(bq, T) * min(bk, S) * jnp.dtype(dtype).itemsize
+        step = N * min(bq, T) * min(bk, S) * itemsize
         batch_block = max(1, min(B, STEP_SCORES_BYTES // max(1, step)))
     out = []
     for b0 in range(0, B, batch_block):

@@ -72,7 +72,7 @@ def compile_program(text: str, target: Target | str, *, extra_flags: list[str] |
     """Compile StableHLO `text` for `target`. Raises `CompileError` with the diagnostics."""
     target = get_target(target)
     flags = compile_flags(target) + list(extra_flags or [])
-    key = hashlib.sha256("\0".join([compiler_version(), *flags, text]).encode()).hexdigest()
+    key = _cache_key(target, flags, text)
     cache = cache_dir()
     cached_path = cache / f"{key}.vmfb" if cache else None
     if cached_path is not None and cached_path.is_file():
@@ -96,6 +96,22 @@ def compile_program(text: str, target: Target | str, *, extra_flags: list[str] |
         except OSError:
             pass  # a read-only or full cache directory only costs speed
     return Compiled(vmfb, target, tuple(flags), seconds, False, key)
+
+
+def _cache_key(target: Target, flags: list[str], text: str) -> str:
+    """SHA-256 of what decides the module: compiler version, flags, tuning spec content, program.
+
+    The tuning spec enters by content, not by its path, so the key is the same in every checkout
+    and changes when the spec does.
+    """
+    h = hashlib.sha256()
+    spec_flag = f"--iree-codegen-tuning-spec-path={target.tuning_spec}" if target.tuning_spec else None
+    for part in [compiler_version(), *(f for f in flags if f != spec_flag)]:
+        h.update(part.encode() + b"\0")
+    if target.tuning_spec:
+        h.update(b"tuning-spec\0" + Path(target.tuning_spec).read_bytes() + b"\0")
+    h.update(text.encode())
+    return h.hexdigest()
 
 
 def _trim(text: str, limit: int = 40) -> str:

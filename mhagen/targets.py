@@ -24,7 +24,7 @@ __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flag
            "Availability", "availability", "data_dir"]
 
 _KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
-         "cpu_features", "device_hint"}
+         "cpu_features", "device_hint", "tuning_spec"}
 _BACKENDS = ("llvm-cpu", "vmvx", "vulkan-spirv", "cuda", "rocm", "metal-spirv")
 
 
@@ -51,6 +51,7 @@ class Target:
     refused: str | None = None
     cpu_features: tuple[str, ...] = ()
     device_hint: str | None = None
+    tuning_spec: str | None = None     # absolute path of an IREE tuning spec (transform library)
     source: str = field(default="", compare=False)
 
     @property
@@ -58,9 +59,12 @@ class Target:
         return self.backend in ("llvm-cpu", "vmvx")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "backend": self.backend,
-                "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
-                "dtypes": list(self.dtypes)}
+        out = {"name": self.name, "description": self.description, "backend": self.backend,
+               "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
+               "dtypes": list(self.dtypes)}
+        if self.tuning_spec:
+            out["tuning_spec"] = Path(self.tuning_spec).name
+        return out
 
 
 def _load(path: Path) -> Target:
@@ -76,12 +80,19 @@ def _load(path: Path) -> Target:
             raise TargetError(f"Target file {path}: `{key}` must be a string")
     if data["backend"] not in _BACKENDS:
         raise TargetError(f"Target file {path}: backend {data['backend']!r} is not one of {list(_BACKENDS)}")
+    tuning = data.get("tuning_spec")
+    if tuning is not None:
+        resolved = (path.parent / str(tuning)).resolve()
+        if not resolved.is_file():
+            raise TargetError(f"Target file {path}: tuning_spec {tuning!r} is not a file "
+                              f"(looked for {resolved})")
+        tuning = str(resolved)
     return Target(
         name=data["name"], description=data.get("description", ""), backend=data["backend"],
         driver=data["driver"], flags=tuple(data.get("flags", ())), arch=data.get("arch", "any"),
         dtypes=tuple(data.get("dtypes", ("float32",))), refused=data.get("refused"),
         cpu_features=tuple(data.get("cpu_features", ())), device_hint=data.get("device_hint"),
-        source=str(path),
+        tuning_spec=tuning, source=str(path),
     )
 
 
@@ -158,7 +169,10 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
 
 def compile_flags(target: Target) -> list[str]:
     """The IREE compiler flags for `target` (pure: no compiler is run)."""
-    return [f"--iree-hal-target-backends={target.backend}", *target.flags]
+    flags = [f"--iree-hal-target-backends={target.backend}", *target.flags]
+    if target.tuning_spec:
+        flags.append(f"--iree-codegen-tuning-spec-path={target.tuning_spec}")
+    return flags
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,34 @@ def test_blocked_path_matches_oracle(name: str, apart: bool, monkeypatch) -> Non
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def test_default_blocks() -> None:
+    from mhagen.blocked import DEFAULT_BLOCK, default_block
+
+    assert default_block(512, 512, 12, 4) == (128, 512)      # BERT-base T=512: 3 MiB per step
+    assert default_block(128, 1024, 12, 4) == (64, 1024)     # cross-attention 128 x 1024
+    assert default_block(128, 128, 12, 4) == (128, 128)      # small enough for one step
+    assert default_block(8192, 8192, 8, 4) == DEFAULT_BLOCK  # long context: key blocks too
+
+
+@pytest.mark.parametrize("name", ["self", "causal_T_gt_S", "mask_BNTS", "gate_no_bias"])
+def test_default_query_blocks_match_oracle(name: str, monkeypatch) -> None:
+    """The automatic split into query blocks (all keys per step), forced onto small shapes."""
+    import jax
+
+    import mhagen.blocked
+
+    monkeypatch.setattr(mhagen.blocked, "QUERY_BLOCK_SCORES_BYTES", 1)
+    monkeypatch.setattr(mhagen.blocked, "MIN_QUERY_BLOCK", 2)
+    spec = make_spec(*BLOCKED_CASES[name])
+    T = spec.geometry.query_shape[1]
+    assert mhagen.blocked.default_block(T, spec.geometry.value_shape[1], 2, 4)[0] < T
+    weights = mhagen.init_weights(spec)
+    inputs = _blocked_inputs(spec)
+    fn = jax.jit(forward(spec, attention="blocked"))
+    got = np.asarray(fn(*(inputs[t.name] for t in input_signature(spec)), *weights))
+    np.testing.assert_allclose(got, mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["mask_causal_window", "causal_T_gt_S"])
 def test_blocked_path_compiled_for_cpu_matches_oracle(name: str) -> None:
     import iree.runtime as rt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,32 @@ def test_user_adds_a_target_by_adding_a_file(tmp_path, monkeypatch) -> None:
     assert row.status == "pass"
     with pytest.raises(mhagen.TargetError, match="cannot compile with `--iree-cuda-target=sm_90a`"):
         get_target("cuda-hopper")
+
+
+def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
+    """A target's tuning spec goes to the compiler by path and into the cache key by content."""
+    from mhagen.compile import _cache_key
+
+    cpu = get_target("cpu")
+    assert cpu.tuning_spec and cpu.tuning_spec.endswith("x86-avx512-f32.mlir")
+    assert f"--iree-codegen-tuning-spec-path={cpu.tuning_spec}" in compile_flags(cpu)
+    assert cpu.to_dict()["tuning_spec"] == "x86-avx512-f32.mlir"
+    spec_text = open(cpu.tuning_spec).read()
+    for name, content in (("a", spec_text), ("b", spec_text), ("c", spec_text + "// changed\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "t.mlir").write_text(content)
+        (tmp_path / name / "t.toml").write_text(
+            f'name = "cpu-{name}"\nbackend = "llvm-cpu"\ndriver = "local-task"\n'
+            'flags = ["--iree-llvmcpu-target-cpu=host"]\ntuning_spec = "t.mlir"\n')
+    monkeypatch.setenv("MHAGEN_TARGETS_PATH", os.pathsep.join(str(tmp_path / n) for n in "abc"))
+    keys = {n: _cache_key(t, compile_flags(t), "module {}")
+            for n, t in ((n, get_target(f"cpu-{n}")) for n in "abc")}
+    assert keys["a"] == keys["b"] != keys["c"]        # same content, other path: same module
+    (tmp_path / "d.toml").write_text('name = "cpu-d"\nbackend = "llvm-cpu"\ndriver = "local-task"\n'
+                                     'tuning_spec = "missing.mlir"\n')
+    monkeypatch.setenv("MHAGEN_TARGETS_PATH", str(tmp_path))
+    with pytest.raises(mhagen.TargetError, match="tuning_spec 'missing.mlir' is not a file"):
+        all_targets()
 
 
 def test_target_file_with_unknown_key_is_refused(tmp_path, monkeypatch) -> None:
