@@ -4,9 +4,9 @@ Keras' formulation materialises the scores `(B, N, T, S)`: 2 GiB per tensor at T
 heads. When the spec does not ask for the scores, the traced program can instead walk (batch, query)
 blocks and, for each, the key blocks it may see, keeping a running maximum and an unnormalised
 context and denominator (the online softmax). Memory is then O(T); with a causal mask or a sliding
-window, key blocks that no query of the block may attend to are skipped. Short sequences take one
-step per batch group, which keeps the scores of a step in the caches and is faster than Keras'
-formulation on CPU as well.
+window, key blocks that no query of the block may attend to are skipped. Short sequences take all
+keys in one step, for a batch group or a block of query rows small enough that the step's scores
+stay in the caches, which is faster than Keras' formulation on CPU as well.
 
 The result is Keras' explicit path up to float rounding: masked scores get `large_negative` added
 before the softmax and masked probabilities are zeroed, so a query row with every key masked gets a
@@ -29,15 +29,16 @@ __all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choos
            "DEFAULT_BLOCK", "MIN_QUERY_BLOCK", "QUERY_BLOCK_SCORES_BYTES", "SINGLE_BLOCK_MAX_SCORES",
            "STEP_SCORES_BYTES"]
 
-# Up to this many scores per (batch, head), T * S, one step covers all queries and keys (BERT at
-# T = 512, cross-attention at 128 x 1024); longer sequences are blocked with DEFAULT_BLOCK.
+# Up to this many scores per (batch, head), T * S, a step covers all keys (BERT at T = 512,
+# cross-attention at 128 x 1024; queries split as QUERY_BLOCK_SCORES_BYTES says); longer sequences
+# are blocked with DEFAULT_BLOCK.
 SINGLE_BLOCK_MAX_SCORES = 1 << 20
 # Query and key block sizes past SINGLE_BLOCK_MAX_SCORES. At T = 8192 (causal, 8 heads x 64) 256 x 256
 # ran in 0.76-0.86 s; 128 x 512, 128 x 1024, 512 x 256 and 64 x 1024 took 0.9-1.8 s, and smaller
 # blocks need twice the compile time for 5 % less memory.
 DEFAULT_BLOCK = (256, 256)
 # Up to SINGLE_BLOCK_MAX_SCORES, the queries of one batch element are still split into blocks of
-# rows (powers of two, at least MIN_QUERY_BLOCK) until one step's scores (N, bq, S) fit this many
+# rows (T halved, rounding up, down to MIN_QUERY_BLOCK) until one step's scores (N, bq, S) fit this many
 # bytes, so that the scores go from the matmul through the softmax to the second matmul within
 # the caches. BERT-base at B = 1, T = 512 (12.6 MB of scores): 128-row blocks ran in 22.3-23.5 ms
 # against 24.5-25.3 ms in one step (jax.jit 28.2-28.4 ms, interleaved in one process).
