@@ -11,6 +11,7 @@ adds a target by adding a file (to the project's `targets/`, or to a directory n
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ class Target:
                "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
                "dtypes": list(self.dtypes)}
         if self.tuning_spec:
-            out["tuning_spec"] = Path(self.tuning_spec).name
+            spec = Path(self.tuning_spec)
+            out["tuning_spec"] = spec.name
+            out["tuning_spec_sha256"] = hashlib.sha256(spec.read_bytes()).hexdigest()
         return out
 
 

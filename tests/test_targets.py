@@ -57,6 +57,7 @@ def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
     assert cpu.tuning_spec and cpu.tuning_spec.endswith("x86-avx512-f32.mlir")
     assert f"--iree-codegen-tuning-spec-path={cpu.tuning_spec}" in compile_flags(cpu)
     assert cpu.to_dict()["tuning_spec"] == "x86-avx512-f32.mlir"
+    assert len(cpu.to_dict()["tuning_spec_sha256"]) == 64
     spec_text = open(cpu.tuning_spec).read()
     for name, content in (("a", spec_text), ("b", spec_text), ("c", spec_text + "// changed\n")):
         (tmp_path / name).mkdir()
