@@ -369,14 +369,12 @@ def environment(target: str = "cpu") -> dict[str, Any]:
 
 
 def _target_flags(target: str) -> dict[str, Any]:
-    """The target's flags as its TOML states them, and its tuning spec by name (no local paths)."""
-    from .targets import get_target
+    """The target's flags as its file states them, and its tuning spec by name (no local paths)."""
+    from .targets import get_target, stated_flags
 
     t = get_target(target)
-    out: dict[str, Any] = {"flags": [f"--iree-hal-target-backends={t.backend}", *t.flags]}
-    if t.tuning_spec:
-        out["tuning_spec"] = Path(t.tuning_spec).name
-    return out
+    tuning = {"tuning_spec": Path(t.tuning_spec).name} if t.tuning_spec else {}
+    return {"flags": stated_flags(t), **tuning}
 
 
 def _shape_text(spec: Spec) -> str:

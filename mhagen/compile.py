@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CompileError, TargetError
-from .targets import Target, compile_flags, get_target
+from .targets import Target, compile_flags, get_target, stated_flags
 
 __all__ = ["Compiled", "compile_program", "compiler_version", "cache_dir", "check_dtype"]
 
@@ -71,8 +71,9 @@ def check_dtype(target: Target, dtype: str) -> None:
 def compile_program(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> Compiled:
     """Compile StableHLO `text` for `target`. Raises `CompileError` with the diagnostics."""
     target = get_target(target)
-    flags = compile_flags(target) + list(extra_flags or [])
-    key = _cache_key(target, flags, text)
+    extra = list(extra_flags or [])
+    flags = compile_flags(target) + extra
+    key = _cache_key(target, extra, text)
     cache = cache_dir()
     cached_path = cache / f"{key}.vmfb" if cache else None
     if cached_path is not None and cached_path.is_file():
@@ -98,15 +99,14 @@ def compile_program(text: str, target: Target | str, *, extra_flags: list[str] |
     return Compiled(vmfb, target, tuple(flags), seconds, False, key)
 
 
-def _cache_key(target: Target, flags: list[str], text: str) -> str:
+def _cache_key(target: Target, extra_flags: list[str], text: str) -> str:
     """SHA-256 of what decides the module: compiler version, flags, tuning spec content, program.
 
     The tuning spec enters by content, not by its path, so the key is the same in every checkout
     and changes when the spec does.
     """
     h = hashlib.sha256()
-    spec_flag = f"--iree-codegen-tuning-spec-path={target.tuning_spec}" if target.tuning_spec else None
-    for part in [compiler_version(), *(f for f in flags if f != spec_flag)]:
+    for part in [compiler_version(), *stated_flags(target), *extra_flags]:
         h.update(part.encode() + b"\0")
     if target.tuning_spec:
         h.update(b"tuning-spec\0" + Path(target.tuning_spec).read_bytes() + b"\0")

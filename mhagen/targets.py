@@ -21,7 +21,8 @@ from typing import Any
 from .errors import TargetError
 from .runtime import host_arch, host_cpu_features
 
-__all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flags", "host_arch",
+__all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flags", "stated_flags",
+           "host_arch",
            "Availability", "availability", "data_dir"]
 
 _KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
@@ -170,9 +171,15 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
     return [get_target(v) for v in value]
 
 
+def stated_flags(target: Target) -> list[str]:
+    """The flags the target file states, with the backend: no local path (the tuning spec's is
+    added by `compile_flags`), so they are the same in every checkout."""
+    return [f"--iree-hal-target-backends={target.backend}", *target.flags]
+
+
 def compile_flags(target: Target) -> list[str]:
     """The IREE compiler flags for `target` (pure: no compiler is run)."""
-    flags = [f"--iree-hal-target-backends={target.backend}", *target.flags]
+    flags = stated_flags(target)
     if target.tuning_spec:
         flags.append(f"--iree-codegen-tuning-spec-path={target.tuning_spec}")
     return flags

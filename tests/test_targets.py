@@ -66,7 +66,7 @@ def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
             f'name = "cpu-{name}"\nbackend = "llvm-cpu"\ndriver = "local-task"\n'
             'flags = ["--iree-llvmcpu-target-cpu=host"]\ntuning_spec = "t.mlir"\n')
     monkeypatch.setenv("MHAGEN_TARGETS_PATH", os.pathsep.join(str(tmp_path / n) for n in "abc"))
-    keys = {n: _cache_key(t, compile_flags(t), "module {}")
+    keys = {n: _cache_key(t, [], "module {}")
             for n, t in ((n, get_target(f"cpu-{n}")) for n in "abc")}
     assert keys["a"] == keys["b"] != keys["c"]        # same content, other path: same module
     (tmp_path / "d.toml").write_text('name = "cpu-d"\nbackend = "llvm-cpu"\ndriver = "local-task"\n'
