@@ -26,7 +26,7 @@ __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flag
            "Availability", "availability", "data_dir"]
 
 _KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
-         "cpu_features", "device_hint", "tuning_spec"}
+         "cpu_features", "device_hint", "tuning_spec", "dtype_cpu_features"}
 _BACKENDS = ("llvm-cpu", "vmvx", "vulkan-spirv", "cuda", "rocm", "metal-spirv")
 
 
@@ -54,11 +54,18 @@ class Target:
     cpu_features: tuple[str, ...] = ()
     device_hint: str | None = None
     tuning_spec: str | None = None     # absolute path of an IREE tuning spec (transform library)
+    # dtype -> CPU features the building host must have for that dtype (arch = "host" targets)
+    dtype_cpu_features: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str = field(default="", compare=False)
 
     @property
     def is_cpu(self) -> bool:
         return self.backend in ("llvm-cpu", "vmvx")
+
+    def missing_cpu_features(self, dtype: str) -> list[str]:
+        """CPU features this host lacks that the target needs to compute in `dtype` (host targets)."""
+        needed = dict(self.dtype_cpu_features).get(dtype, ())
+        return sorted(set(needed) - host_cpu_features()) if self.arch == "host" else []
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "description": self.description, "backend": self.backend,
@@ -91,12 +98,18 @@ def _load(path: Path) -> Target:
             raise TargetError(f"Target file {path}: tuning_spec {tuning!r} is not a file "
                               f"(looked for {resolved})")
         tuning = str(resolved)
+    needs = data.get("dtype_cpu_features", {})
+    if not isinstance(needs, dict) or not all(
+            isinstance(v, list) and all(isinstance(f, str) for f in v) for v in needs.values()):
+        raise TargetError(f"Target file {path}: `dtype_cpu_features` must map dtype names to lists "
+                          f"of CPU feature names, e.g. {{ bfloat16 = [\"avx512_bf16\"] }}")
     return Target(
         name=data["name"], description=data.get("description", ""), backend=data["backend"],
         driver=data["driver"], flags=tuple(data.get("flags", ())), arch=data.get("arch", "any"),
         dtypes=tuple(data.get("dtypes", ("float32",))), refused=data.get("refused"),
         cpu_features=tuple(data.get("cpu_features", ())), device_hint=data.get("device_hint"),
         tuning_spec=tuning, source=str(path),
+        dtype_cpu_features=tuple((k, tuple(v)) for k, v in sorted(needs.items())),
     )
 
 
@@ -181,7 +194,11 @@ def compile_flags(target: Target) -> list[str]:
     """The IREE compiler flags for `target` (pure: no compiler is run)."""
     flags = stated_flags(target)
     if target.tuning_spec:
-        flags.append(f"--iree-codegen-tuning-spec-path={target.tuning_spec}")
+        # IREE 3.13 loads the spec under a lock from a compiler thread, and parsing it waits on
+        # the thread pool, which can hand that same thread another executable's tuning-spec pass:
+        # it then waits on the lock it holds, forever (seen in CI and here, about one compile in
+        # a few hundred). One compiler thread cannot do that; it costs ~1 s on a small layer.
+        flags += [f"--iree-codegen-tuning-spec-path={target.tuning_spec}", "--mlir-disable-threading"]
     return flags
 
 

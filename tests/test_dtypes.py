@@ -36,6 +36,9 @@ def test_verifies(dtype: str, target: str) -> None:
     tgt = get_target(target)
     if not availability(tgt).runs:
         pytest.skip(f"{target} cannot run here: {availability(tgt).run_reason}")
+    missing = tgt.missing_cpu_features(mhagen.spec.DType.parse(dtype).compute)
+    if missing:  # refused up front: test_host_dtype_needs_cpu_features
+        pytest.skip(f"{target} computes in {dtype} only on CPUs with {', '.join(missing)}")
     spec = _spec(dtype)
     (row,) = verify_matrix(spec, [tgt])
     assert row.status == "pass", row.message
@@ -55,6 +58,25 @@ def test_refused_up_front(dtype: str, target: str) -> None:
         check_dtype(get_target(target), compute)
     with pytest.raises(mhagen.TargetError):
         mhagen.build(_spec(dtype), target=target)
+
+
+def test_host_dtype_needs_cpu_features(monkeypatch) -> None:
+    """`cpu` computes in bfloat16 only where the host has AVX-512 BF16 (IREE 3.13 cannot link the
+    conversion without it); elsewhere it is refused before compiling, with the feature named."""
+    import mhagen.targets
+
+    cpu = get_target("cpu")
+    monkeypatch.setattr(mhagen.targets, "host_cpu_features", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(mhagen.TargetError, match="cannot compute in bfloat16 on this machine: it "
+                                                 "needs the CPU feature.s. avx512_bf16"):
+        check_dtype(cpu, "bfloat16")
+    with pytest.raises(mhagen.TargetError, match="avx512_bf16"):
+        mhagen.build(_spec("mixed_bfloat16"), target="cpu")
+    check_dtype(cpu, "float16")
+    monkeypatch.setattr(mhagen.targets, "host_cpu_features",
+                        lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    check_dtype(cpu, "bfloat16")
+    check_dtype(get_target("cpu-aarch64"), "bfloat16")   # not a host target: the flags decide
 
 
 def test_mixed_policy_keeps_float32_weights_and_computes_in_half() -> None:

@@ -165,6 +165,22 @@ def test_unknown_target_everywhere(good, capsys) -> None:
         mhagen.build(spec_path, target="gpu9000")
 
 
+def test_compile_past_the_time_limit_is_stopped(good, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A compile that does not finish is killed and reported, not waited on forever."""
+    spec_path, _ = good
+    monkeypatch.setenv("MHAGEN_CACHE_DIR", "off")
+    monkeypatch.setenv("MHAGEN_COMPILE_TIMEOUT", "0.05")
+    with pytest.raises(mhagen.CompileError, match=r"did not finish compiling for target `cpu` within 0.05 s"):
+        mhagen.build(spec_path, target="cpu")
+    assert main(["verify", str(spec_path), "--target", "cpu"]) == 1
+    assert "compile failed" in capsys.readouterr().out
+    monkeypatch.setenv("MHAGEN_COMPILE_TIMEOUT", "soon")
+    assert main(["build", str(spec_path), "--target", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "mhagen: error: MHAGEN_COMPILE_TIMEOUT must be a number of seconds; got 'soon'"
+
+
 def test_compile_failure_is_a_compile_error(good, tmp_path: Path, monkeypatch, capsys) -> None:
     spec_path, _ = good
     (tmp_path / "bad.toml").write_text('name = "bad-cpu"\nbackend = "llvm-cpu"\ndriver = "local-task"\n'

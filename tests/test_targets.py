@@ -56,6 +56,8 @@ def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
     cpu = get_target("cpu")
     assert cpu.tuning_spec and cpu.tuning_spec.endswith("x86-avx512-f32.mlir")
     assert f"--iree-codegen-tuning-spec-path={cpu.tuning_spec}" in compile_flags(cpu)
+    assert "--mlir-disable-threading" in compile_flags(cpu)     # IREE 3.13 deadlock, see targets.py
+    assert "--mlir-disable-threading" not in compile_flags(get_target("cpu-x86_64"))
     assert cpu.to_dict()["tuning_spec"] == "x86-avx512-f32.mlir"
     assert len(cpu.to_dict()["tuning_spec_sha256"]) == 64
     spec_text = open(cpu.tuning_spec).read()
@@ -74,6 +76,19 @@ def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MHAGEN_TARGETS_PATH", str(tmp_path))
     with pytest.raises(mhagen.TargetError, match="tuning_spec 'missing.mlir' is not a file"):
         all_targets()
+
+
+def test_host_cpu_is_part_of_the_cache_key(monkeypatch) -> None:
+    """`target-cpu=host` code from one CPU is never served to another from a shared cache."""
+    import mhagen.compile as compile_mod
+
+    def key(target: str, features: str) -> str:
+        monkeypatch.setattr(compile_mod, "host_cpu_features", lambda: frozenset(features.split()))
+        return compile_mod._cache_key(get_target(target), [], "module {}")
+
+    assert key("cpu", "sse2 avx2") != key("cpu", "sse2 avx2 avx512f")
+    assert key("cpu", "sse2 avx2") == key("cpu", "avx2 sse2")
+    assert key("cpu-x86_64-v3", "sse2 avx2") == key("cpu-x86_64-v3", "sse2 avx2 avx512f")
 
 
 def test_target_file_with_unknown_key_is_refused(tmp_path, monkeypatch) -> None:
