@@ -373,7 +373,7 @@ def _target_flags(target: str) -> dict[str, Any]:
     from .targets import get_target, stated_flags
 
     t = get_target(target)
-    tuning = {"tuning_spec": Path(t.tuning_spec).name} if t.tuning_spec else {}
+    tuning = {"tuning_spec": Path(t.active_tuning_spec).name} if t.active_tuning_spec else {}
     return {"flags": stated_flags(t), **tuning}
 
 

@@ -150,8 +150,8 @@ def _cache_key(target: Target, extra_flags: list[str], text: str) -> str:
         h.update(part.encode() + b"\0")
     if any(flag.endswith("target-cpu=host") for flag in [*stated_flags(target), *extra_flags]):
         h.update(b"host-cpu\0" + " ".join(sorted(host_cpu_features())).encode() + b"\0")
-    if target.tuning_spec:
-        h.update(b"tuning-spec\0" + Path(target.tuning_spec).read_bytes() + b"\0")
+    if target.active_tuning_spec:
+        h.update(b"tuning-spec\0" + Path(target.active_tuning_spec).read_bytes() + b"\0")
     h.update(text.encode())
     return h.hexdigest()
 

@@ -26,7 +26,8 @@ __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flag
            "Availability", "availability", "data_dir"]
 
 _KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
-         "cpu_features", "device_hint", "tuning_spec", "dtype_cpu_features"}
+         "cpu_features", "device_hint", "tuning_spec", "dtype_cpu_features",
+         "tuning_spec_cpu_features"}
 _BACKENDS = ("llvm-cpu", "vmvx", "vulkan-spirv", "cuda", "rocm", "metal-spirv")
 
 
@@ -54,6 +55,7 @@ class Target:
     cpu_features: tuple[str, ...] = ()
     device_hint: str | None = None
     tuning_spec: str | None = None     # absolute path of an IREE tuning spec (transform library)
+    tuning_spec_cpu_features: tuple[str, ...] = ()  # host targets: use the spec only on these CPUs
     # dtype -> CPU features the building host must have for that dtype (arch = "host" targets)
     dtype_cpu_features: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str = field(default="", compare=False)
@@ -61,6 +63,15 @@ class Target:
     @property
     def is_cpu(self) -> bool:
         return self.backend in ("llvm-cpu", "vmvx")
+
+    @property
+    def active_tuning_spec(self) -> str | None:
+        """The tuning spec this build uses: none on a host that lacks the features it is for."""
+        if not self.tuning_spec:
+            return None
+        if self.arch == "host" and not set(self.tuning_spec_cpu_features) <= host_cpu_features():
+            return None
+        return self.tuning_spec
 
     def missing_cpu_features(self, dtype: str) -> list[str]:
         """CPU features this host lacks that the target needs to compute in `dtype` (host targets)."""
@@ -71,8 +82,8 @@ class Target:
         out = {"name": self.name, "description": self.description, "backend": self.backend,
                "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
                "dtypes": list(self.dtypes)}
-        if self.tuning_spec:
-            spec = Path(self.tuning_spec)
+        if self.active_tuning_spec:
+            spec = Path(self.active_tuning_spec)
             out["tuning_spec"] = spec.name
             out["tuning_spec_sha256"] = hashlib.sha256(spec.read_bytes()).hexdigest()
         return out
@@ -110,6 +121,7 @@ def _load(path: Path) -> Target:
         cpu_features=tuple(data.get("cpu_features", ())), device_hint=data.get("device_hint"),
         tuning_spec=tuning, source=str(path),
         dtype_cpu_features=tuple((k, tuple(v)) for k, v in sorted(needs.items())),
+        tuning_spec_cpu_features=tuple(data.get("tuning_spec_cpu_features", ())),
     )
 
 
@@ -193,12 +205,13 @@ def stated_flags(target: Target) -> list[str]:
 def compile_flags(target: Target) -> list[str]:
     """The IREE compiler flags for `target` (pure: no compiler is run)."""
     flags = stated_flags(target)
-    if target.tuning_spec:
+    if target.active_tuning_spec:
         # IREE 3.13 loads the spec under a lock from a compiler thread, and parsing it waits on
         # the thread pool, which can hand that same thread another executable's tuning-spec pass:
         # it then waits on the lock it holds, forever (seen in CI and here, about one compile in
         # a few hundred). One compiler thread cannot do that; it costs ~1 s on a small layer.
-        flags += [f"--iree-codegen-tuning-spec-path={target.tuning_spec}", "--mlir-disable-threading"]
+        flags += [f"--iree-codegen-tuning-spec-path={target.active_tuning_spec}",
+                  "--mlir-disable-threading"]
     return flags
 
 

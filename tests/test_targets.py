@@ -50,16 +50,24 @@ def test_user_adds_a_target_by_adding_a_file(tmp_path, monkeypatch) -> None:
 
 
 def test_tuning_spec_is_part_of_the_target(tmp_path, monkeypatch) -> None:
-    """A target's tuning spec goes to the compiler by path and into the cache key by content."""
+    """A target's tuning spec goes to the compiler by path and into the cache key by content, on
+    the CPUs it is for; a host without those features builds without it."""
+    import mhagen.targets
     from mhagen.compile import _cache_key
 
     cpu = get_target("cpu")
     assert cpu.tuning_spec and cpu.tuning_spec.endswith("x86-avx512-f32.mlir")
+    monkeypatch.setattr(mhagen.targets, "host_cpu_features", lambda: frozenset({"avx2", "avx512f"}))
     assert f"--iree-codegen-tuning-spec-path={cpu.tuning_spec}" in compile_flags(cpu)
     assert "--mlir-disable-threading" in compile_flags(cpu)     # IREE 3.13 deadlock, see targets.py
     assert "--mlir-disable-threading" not in compile_flags(get_target("cpu-x86_64"))
     assert cpu.to_dict()["tuning_spec"] == "x86-avx512-f32.mlir"
     assert len(cpu.to_dict()["tuning_spec_sha256"]) == 64
+    with_spec = _cache_key(cpu, [], "module {}")
+    monkeypatch.setattr(mhagen.targets, "host_cpu_features", lambda: frozenset({"avx2"}))
+    assert not any("tuning-spec" in f or "disable-threading" in f for f in compile_flags(cpu))
+    assert "tuning_spec" not in cpu.to_dict()
+    assert _cache_key(cpu, [], "module {}") != with_spec
     spec_text = open(cpu.tuning_spec).read()
     for name, content in (("a", spec_text), ("b", spec_text), ("c", spec_text + "// changed\n")):
         (tmp_path / name).mkdir()
