@@ -362,10 +362,22 @@ def environment(target: str = "cpu") -> dict[str, Any]:
         except md.PackageNotFoundError:
             return "unknown"
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "vector_isa": _vector_isa(), "cores": os.cpu_count(),
+            "python": platform.python_version(),
             "jax": version("jax"), "jaxlib": version("jaxlib"),
             "iree_compiler": version("iree-base-compiler"), "iree_runtime": version("iree-base-runtime"),
             "target": target, **_target_flags(target)}
+
+
+def _vector_isa() -> str:
+    """The widest x86 vector extension this CPU has (what IREE's `target-cpu=host` tiles for)."""
+    from .runtime import host_cpu_features
+
+    features = host_cpu_features()
+    for name in ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon"):
+        if name in features:
+            return name
+    return "unknown"
 
 
 def _target_flags(target: str) -> dict[str, Any]:
@@ -494,7 +506,7 @@ def run_suite(
     note = plot(results, out / "results.png")
     tuning = f", tuning spec `{env['tuning_spec']}`" if env.get("tuning_spec") else ""
     text = [f"# mhagen bench: {target} vs jax.jit\n",
-            f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, IREE {env['iree_compiler']}; "
+            f"{env['cpu']} ({env['vector_isa']}), {env['cores']} cores; jax {env['jax']}, IREE {env['iree_compiler']}; "
             f"flags `{' '.join(env['flags'])}`"
             f"{tuning}. Suite run time {seconds / 60:.1f} min; load average "
             f"{load_before:.2f} before, {env['load_average']['after_1min']:.2f} after.\n",

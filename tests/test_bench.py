@@ -154,7 +154,7 @@ def test_bench_command_writes_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", str(spec), "--repeats", "3", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert {"cpu", "cores", "jax", "iree_compiler", "flags"} <= set(data["environment"])
+    assert {"cpu", "vector_isa", "cores", "jax", "iree_compiler", "flags"} <= set(data["environment"])
     (result,) = data["results"]
     assert result["flops"] == mhagen.Spec.from_toml(TINY).flops
     assert result["attention_path"] == "blocked"
