@@ -1,7 +1,7 @@
 """Stage 4, the compile: StableHLO text -> IREE VM flatbuffer (.vmfb) for one target.
 
 Compiles go through a content-addressed cache keyed on the program, the flags and the compiler
-version (and, for `target-cpu=host`, this CPU), so an unchanged rebuild costs a file read. The
+version (and, for host targets, this CPU), so an unchanged rebuild costs a file read. The
 cache lives in `MHAGEN_CACHE_DIR` (default `~/.cache/mhagen`); `MHAGEN_CACHE_DIR=off` disables it.
 A compile that runs longer than `MHAGEN_COMPILE_TIMEOUT` seconds (default 1200) is stopped and
 reported as a `CompileError`, never left hanging.
@@ -142,13 +142,13 @@ def _cache_key(target: Target, extra_flags: list[str], text: str) -> str:
     """SHA-256 of what decides the module: compiler version, flags, tuning spec content, program.
 
     The tuning spec enters by content, not by its path, so the key is the same in every checkout
-    and changes when the spec does. `target-cpu=host` means this machine's CPU, so its features
+    and changes when the spec does. A host target builds for this machine's CPU, so its features
     enter too: a cache shared by machines of different CPUs never hands one the other's code.
     """
     h = hashlib.sha256()
     for part in [compiler_version(), *stated_flags(target), *extra_flags]:
         h.update(part.encode() + b"\0")
-    if any(flag.endswith("target-cpu=host") for flag in [*stated_flags(target), *extra_flags]):
+    if target.arch == "host":
         h.update(b"host-cpu\0" + " ".join(sorted(host_cpu_features())).encode() + b"\0")
     if target.active_tuning_spec:
         h.update(b"tuning-spec\0" + Path(target.active_tuning_spec).read_bytes() + b"\0")
