@@ -89,6 +89,14 @@ class Target:
         return out
 
 
+def _features(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    """A list of CPU feature names from a target file (a bare string would split into letters)."""
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise TargetError(f"Target file {path}: `{key}` must be a list of CPU feature names as "
+                          f"/proc/cpuinfo spells them, e.g. [\"avx512f\"]; got {value!r}")
+    return tuple(value)
+
+
 def _load(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -110,18 +118,20 @@ def _load(path: Path) -> Target:
                               f"(looked for {resolved})")
         tuning = str(resolved)
     needs = data.get("dtype_cpu_features", {})
-    if not isinstance(needs, dict) or not all(
-            isinstance(v, list) and all(isinstance(f, str) for f in v) for v in needs.values()):
+    if not isinstance(needs, dict):
         raise TargetError(f"Target file {path}: `dtype_cpu_features` must map dtype names to lists "
                           f"of CPU feature names, e.g. {{ bfloat16 = [\"avx512_bf16\"] }}")
+    needs = {dtype: _features(path, f"dtype_cpu_features.{dtype}", v) for dtype, v in needs.items()}
     return Target(
         name=data["name"], description=data.get("description", ""), backend=data["backend"],
         driver=data["driver"], flags=tuple(data.get("flags", ())), arch=data.get("arch", "any"),
         dtypes=tuple(data.get("dtypes", ("float32",))), refused=data.get("refused"),
-        cpu_features=tuple(data.get("cpu_features", ())), device_hint=data.get("device_hint"),
+        cpu_features=_features(path, "cpu_features", data.get("cpu_features", [])),
+        device_hint=data.get("device_hint"),
         tuning_spec=tuning, source=str(path),
-        dtype_cpu_features=tuple((k, tuple(v)) for k, v in sorted(needs.items())),
-        tuning_spec_cpu_features=tuple(data.get("tuning_spec_cpu_features", ())),
+        dtype_cpu_features=tuple(sorted(needs.items())),
+        tuning_spec_cpu_features=_features(path, "tuning_spec_cpu_features",
+                                           data.get("tuning_spec_cpu_features", [])),
     )
 
 

@@ -106,6 +106,16 @@ def test_target_file_with_unknown_key_is_refused(tmp_path, monkeypatch) -> None:
         all_targets()
 
 
+@pytest.mark.parametrize("line", ['tuning_spec_cpu_features = "avx512f"', 'cpu_features = [1]',
+                                  'dtype_cpu_features = { bfloat16 = "avx512_bf16" }',
+                                  'dtype_cpu_features = ["avx512_bf16"]'])
+def test_target_file_cpu_features_must_be_lists(tmp_path, monkeypatch, line: str) -> None:
+    (tmp_path / "bad.toml").write_text(f'name = "bad"\nbackend = "llvm-cpu"\ndriver = "local-task"\n{line}\n')
+    monkeypatch.setenv("MHAGEN_TARGETS_PATH", str(tmp_path))
+    with pytest.raises(mhagen.TargetError, match="must (be a list of CPU feature names|map dtype names)"):
+        all_targets()
+
+
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
 def test_example_verify_matrix(example: str) -> None:
     """Every example: compiles for every target; passes on every target that can run here."""
