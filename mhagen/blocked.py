@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 from .errors import SpecError
 from .spec import Spec
 
-__all__ = ["AttentionPath", "QueryRows", "attention", "blocked_eligible", "choose_path", "default_block",
-           "DEFAULT_BLOCK", "MIN_QUERY_BLOCK", "QUERY_BLOCK_SCORES_BYTES", "SINGLE_BLOCK_MAX_SCORES",
-           "STEP_SCORES_BYTES"]
+__all__ = ["AttentionPath", "ProjectedRows", "attention", "blocked_eligible", "choose_path",
+           "default_block", "DEFAULT_BLOCK", "MIN_QUERY_BLOCK", "QUERY_BLOCK_SCORES_BYTES",
+           "SINGLE_BLOCK_MAX_SCORES", "STEP_SCORES_BYTES"]
 
 # Up to this many scores per (batch, head), T * S, a step covers all keys (BERT at T = 512,
 # cross-attention at 128 x 1024; queries split as QUERY_BLOCK_SCORES_BYTES says); longer sequences
@@ -106,6 +106,16 @@ def default_block(T: int, S: int, heads: int, itemsize: int) -> tuple[int, int]:
     return bq, S
 
 
+def _projected_shape(x: Any) -> Any:
+    """Shape and dtype of `x`, or of its projection when `x` is `ProjectedRows`."""
+    import jax
+
+    if not isinstance(x, ProjectedRows):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    one_row = jax.eval_shape(x.project, jax.ShapeDtypeStruct((1, 1, *x.source.shape[2:]), x.source.dtype))
+    return jax.ShapeDtypeStruct((*x.source.shape[:2], *one_row.shape[2:]), one_row.dtype)
+
+
 def _key_range(r0: int, r1: int, s_len: int, *, causal: bool, window: int | None) -> tuple[int, int]:
     """Keys [lo, hi) that some query row in [r0, r1) may see under the causal mask and window."""
     lo, hi = 0, s_len
@@ -126,9 +136,10 @@ def _all_allowed(r0: int, r1: int, c0: int, c1: int, *, causal: bool, window: in
     return True
 
 
-class QueryRows(NamedTuple):
-    """Queries projected on demand: `project(source[:, r0:r1])` gives the projected, scaled query
-    rows [r0, r1), `(B, r1 - r0, N, H)`, of the layer's query input `source` `(B, T, Dq)`."""
+class ProjectedRows(NamedTuple):
+    """A projection computed block by block: `project(source[b0:b1, r0:r1])` gives rows [r0, r1)
+    of the projected (and, for queries, scaled) heads `(b1 - b0, r1 - r0, N, H)` of the layer input
+    `source` `(B, T, D)`."""
 
     source: Any
     project: Callable[[Any], Any]
@@ -149,12 +160,15 @@ def attention(
     """The attention context `(B, T, N, Hv)` of projected, scaled q `(B, T, N, H)`, k `(B, S, N, H)`
     and v `(B, S, N, Hv)`, without materialising the scores.
 
-    `q` may also be a `QueryRows`: each query block is then projected when it is needed and the
-    whole Q is never held. `mask` is a boolean array that broadcasts to `(B, N, T, S)` (Keras'
-    expanded attention mask: `(B, 1, T, S)`, `(B, N, T, S)`, `(1, 1, T, S)`, size-1 axes allowed);
-    `causal` and `sliding_window` are Keras' causal mask and window along T and S. `block` is the
-    (query, key) block sizes and `batch_block` how many batch elements a step takes (default: as
-    many as keep one step's scores within `STEP_SCORES_BYTES`).
+    `q`, `k` and `v` may also be `ProjectedRows`: each block is then projected where it is first
+    used (once, then reused by later steps), so the whole Q is never held, and K and V are made
+    block by block instead of whole and then sliced, which costs IREE a copy of every block.
+
+    `mask` is a boolean array that broadcasts to `(B, N, T, S)` (Keras' expanded attention mask:
+    `(B, 1, T, S)`, `(B, N, T, S)`, `(1, 1, T, S)`, size-1 axes allowed); `causal` and
+    `sliding_window` are Keras' causal mask and window along T and S. `block` is the (query, key)
+    block sizes and `batch_block` how many batch elements a step takes (default: as many as keep
+    one step's scores within `STEP_SCORES_BYTES`).
 
     The blocks are static: the program holds one step per (batch, query block, key block) that
     some query may attend to, and no loop (IREE would sync with the host on every iteration of a
@@ -164,14 +178,26 @@ def attention(
     import jax.numpy as jnp
     from jax import lax
 
-    rows = q.source if isinstance(q, QueryRows) else q
+    rows = q.source if isinstance(q, ProjectedRows) else q
     B, T = rows.shape[0], rows.shape[1]
-    S, N, Hv = k.shape[1], k.shape[2], v.shape[3]
-    dtype = k.dtype
+    k_shape, v_shape = _projected_shape(k), _projected_shape(v)
+    S, N, Hv = k_shape.shape[1], k_shape.shape[2], v_shape.shape[3]
+    dtype = k_shape.dtype
     itemsize = jnp.dtype(dtype).itemsize
     bq, bk = block or default_block(T, S, N, itemsize)
-    if isinstance(q, QueryRows) and bk >= S:
-        q = rows = q.project(q.source)    # one key block: one projection, as large as it gets
+    if bk >= S:                           # one key block: one projection each, as large as it gets
+        q, k, v = (x.project(x.source) if isinstance(x, ProjectedRows) else x for x in (q, k, v))
+        rows = q
+    projected: dict[tuple[int, ...], Any] = {}
+
+    def take(x: Any, b0: int, b1: int, c0: int, c1: int) -> Any:
+        """Rows [c0, c1) of batch [b0, b1) of x, projected once per block when x is `ProjectedRows`."""
+        if not isinstance(x, ProjectedRows):
+            return x[b0:b1, c0:c1]
+        key = (id(x), b0, b1, c0, c1)
+        if key not in projected:
+            projected[key] = x.project(x.source[b0:b1, c0:c1])
+        return projected[key]
     zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
     penalty = jnp.asarray(large_negative, dtype)
     if mask is not None:
@@ -208,7 +234,7 @@ def attention(
         for r0 in range(0, T, bq):
             r1 = min(T, r0 + bq)
             qi = rows[b0:b1, r0:r1]
-            if isinstance(q, QueryRows):
+            if isinstance(q, ProjectedRows):
                 qi = q.project(qi)
             lo, hi = _key_range(r0, r1, S, causal=causal, window=sliding_window)
             single = hi - lo <= bk                  # one key block: no online rescaling
@@ -216,7 +242,7 @@ def attention(
             for c0 in range(lo, hi, bk):
                 c1 = min(hi, c0 + bk)
                 # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk), slicing the projections in place.
-                s = lax.dot_general(qi, k[b0:b1, c0:c1], (((3,), (3,)), ((0, 2), (0, 2))))
+                s = lax.dot_general(qi, take(k, b0, b1, c0, c1), (((3,), (3,)), ((0, 2), (0, 2))))
                 ok = allowed(b0, b1, r0, r1, c0, c1)
                 if ok is not None:
                     s = s + jnp.where(ok, zero, penalty)      # Keras: scores + (1 - mask) * -1e9
@@ -226,7 +252,7 @@ def attention(
                 p = jnp.exp(s - m)
                 if ok is not None:
                     p = jnp.where(ok, p, zero)               # Keras: probs * mask
-                num = lax.dot_general(p, v[b0:b1, c0:c1], (((3,), (1,)), ((0, 1), (0, 2))))
+                num = lax.dot_general(p, take(v, b0, b1, c0, c1), (((3,), (1,)), ((0, 1), (0, 2))))
                 den = jnp.sum(p, axis=-1, keepdims=True)
                 if single:
                     state = (m, num, den)

@@ -131,7 +131,7 @@ def forward(
     import jax
     import jax.numpy as jnp
 
-    from .blocked import AttentionPath, QueryRows, choose_path
+    from .blocked import AttentionPath, ProjectedRows, choose_path
 
     layer, g = spec.layer, spec.geometry
     policy = spec.call.dtype_policy
@@ -160,21 +160,23 @@ def forward(
             y = jnp.einsum(eq, x, w[f"{name}/kernel"])
             return y + w[f"{name}/bias"] if layer.use_bias else y
 
-        q = dense(query, "query", qkv_eq)
-        kk = dense(key, "key", qkv_eq)
-        v = dense(value, "value", qkv_eq)
-        q = q * jnp.asarray(1.0 / math.sqrt(float(layer.key_dim)), compute)
+        def project_query(rows: Any) -> Any:
+            return dense(rows, "query", qkv_eq) * jnp.asarray(1.0 / math.sqrt(float(layer.key_dim)),
+                                                              compute)
+
         probs = None
         if blocked:
-            # Each query block is projected where it is used; the full `q` above is then dead code
-            # that JAX and IREE drop, and the call never holds all of Q at once.
-            def project(rows: Any) -> Any:
-                return dense(rows, "query", qkv_eq) * jnp.asarray(
-                    1.0 / math.sqrt(float(layer.key_dim)), compute)
-
-            queries = QueryRows(query, project)
-            context = _blocked_context(spec, queries, kk, v, mask, large_negative, block)
+            # Queries, keys and values are projected block by block where first used: the call
+            # never holds all of Q, and K and V are not sliced into copies (at T = 8192, causal,
+            # IREE's transient memory 98 -> 66 MiB).
+            queries = ProjectedRows(query, project_query)
+            keys = ProjectedRows(key, lambda rows: dense(rows, "key", qkv_eq))
+            values = ProjectedRows(value, lambda rows: dense(rows, "value", qkv_eq))
+            context = _blocked_context(spec, queries, keys, values, mask, large_negative, block)
         else:
+            q = project_query(query)
+            kk = dense(key, "key", qkv_eq)
+            v = dense(value, "value", qkv_eq)
             scores = jnp.einsum(dot_eq, kk, q)
             allowed = None
             if mask is not None:

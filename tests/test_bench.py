@@ -79,6 +79,26 @@ def test_blocked_path_matches_oracle(name: str, apart: bool, monkeypatch) -> Non
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def test_blocked_path_projects_keys_and_values_block_by_block() -> None:
+    """With several key blocks, K and V are projected per block, never whole: no (B, S, N, H)
+    array in the traced program (the whole projections sliced into blocks cost IREE a copy of
+    each block and 32 MiB more memory at T = 8192)."""
+    import jax
+
+    spec = make_spec(*BLOCKED_CASES["cross_key_value_dims"])     # S = 11 keys, blocks of 3
+    B, S = spec.geometry.value_shape[:2]
+    avals = [jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype)) for t in input_signature(spec)]
+    weights = mhagen.init_weights(spec)
+
+    def shapes(attention: str) -> set[tuple[int, ...]]:
+        jaxpr = jax.make_jaxpr(lambda *xs: forward(spec, attention=attention, block=(2, 3))(*xs, *weights))
+        return {tuple(v.aval.shape) for eqn in jaxpr(*avals).jaxpr.eqns for v in eqn.outvars}
+
+    whole = {s for s in shapes("keras") if len(s) == 4 and s[:2] == (B, S)}
+    assert whole == {(B, S, 2, 4), (B, S, 2, 3)}                 # Keras' path: the whole K and V
+    assert not {s for s in shapes("blocked") if len(s) == 4 and s[:2] == (B, S)}
+
+
 def test_default_blocks() -> None:
     from mhagen.blocked import DEFAULT_BLOCK, default_block
 
