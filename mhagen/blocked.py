@@ -178,8 +178,7 @@ def attention(
     import jax.numpy as jnp
     from jax import lax
 
-    rows = q.source if isinstance(q, ProjectedRows) else q
-    B, T = rows.shape[0], rows.shape[1]
+    B, T = _projected_shape(q).shape[:2]
     k_shape, v_shape = _projected_shape(k), _projected_shape(v)
     S, N, Hv = k_shape.shape[1], k_shape.shape[2], v_shape.shape[3]
     dtype = k_shape.dtype
@@ -187,7 +186,6 @@ def attention(
     bq, bk = block or default_block(T, S, N, itemsize)
     if bk >= S:                           # one key block: one projection each, as large as it gets
         q, k, v = (x.project(x.source) if isinstance(x, ProjectedRows) else x for x in (q, k, v))
-        rows = q
     projected: dict[tuple[int, ...], Any] = {}
 
     def take(x: Any, b0: int, b1: int, c0: int, c1: int) -> Any:
@@ -237,15 +235,13 @@ def attention(
         blocks = []
         for r0 in range(0, T, bq):
             r1 = min(T, r0 + bq)
-            qi = rows[b0:b1, r0:r1]
-            if isinstance(q, ProjectedRows):
-                qi = q.project(qi)
+            qi = take(q, b0, b1, r0, r1)
             lo, hi = _key_range(r0, r1, S, causal=causal, window=sliding_window)
             single = hi - lo <= bk                  # one key block: no online rescaling
             state = None                    # running max, sum_j p v and sum_j p over the key blocks
             for c0 in range(lo, hi, bk):
                 c1 = min(hi, c0 + bk)
-                # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk), slicing the projections in place.
+                # (b, bq, N, H) x (b, bk, N, H) -> (b, N, bq, bk)
                 s = lax.dot_general(qi, take(k, b0, b1, c0, c1), (((3,), (3,)), ((0, 2), (0, 2))))
                 ok = allowed(b0, b1, r0, r1, c0, c1)
                 if ok is not None:
