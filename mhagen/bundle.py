@@ -153,7 +153,9 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
             (staging / "weights.irpa").chmod(0o644)
             weights_entry = {"file": "weights.irpa", "scope": "model",
                              "entries": [t.to_dict() for t in program.weights]}
-        shutil.copyfile(Path(__file__).with_name("runtime.py"), staging / "mhagen_runtime.py")
+        from . import runtime as _runtime_pkg
+        shutil.copytree(Path(_runtime_pkg.__file__).parent, staging / "mhagen_runtime",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         target_entries = []
         for i, target in enumerate(targets, 1):
             _say(progress, f"[{i}/{len(targets)}] {target.name}: compiling ({target.backend})...")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .runtime.errors import BundleError, CallError, MhagenError, MhagenRuntimeError
+
 __all__ = [
     "MhagenError",
     "SpecError",
@@ -14,10 +16,6 @@ __all__ = [
     "VerifyError",
     "invalid",
 ]
-
-
-class MhagenError(Exception):
-    """Root of every error mhagen raises on purpose."""
 
 
 class SpecError(MhagenError, ValueError):
@@ -48,18 +46,6 @@ class CompileError(MhagenError):
         full += f"\n({hint})"
         super().__init__(full)
         self.summary = message
-
-
-class CallError(MhagenError, ValueError):
-    """A compiled layer was called with inputs of the wrong shape, dtype or number."""
-
-
-class MhagenRuntimeError(MhagenError, RuntimeError):
-    """The IREE runtime could not load or run a module."""
-
-
-class BundleError(MhagenError):
-    """A bundle directory is missing, corrupt, tampered with, or for another machine."""
 
 
 class VerifyError(MhagenError):

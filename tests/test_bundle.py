@@ -38,7 +38,7 @@ def _oracle(spec, inputs, weights=None):
 
 def test_layout_and_manifest(bundle: Path) -> None:
     names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
-    assert {"program.mlir", "weights.irpa", "manifest.json", "run.py", "README.md", "mhagen_runtime.py",
+    assert {"program.mlir", "weights.irpa", "manifest.json", "run.py", "README.md", "mhagen_runtime/__init__.py", "mhagen_runtime/bundle.py",
             "cpu/module.vmfb", "vmvx/module.vmfb", "cpu-aarch64/module.vmfb", "cuda-sm80/module.vmfb"} <= names
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["spec"] == mhagen.Spec.load(SPEC).to_dict()
@@ -101,6 +101,7 @@ def test_refuses_tampered_truncated_missing(bundle: Path, tmp_path: Path) -> Non
     (b / "cpu" / "module.vmfb").write_bytes(bytes(flipped))
     with pytest.raises(mhagen.BundleError, match="SHA-256"):
         mhagen.load(b, target="cpu")
+    (b / "cpu" / "module.vmfb").write_bytes(data)   # every listed file is checked on load
     irpa = (b / "weights.irpa").read_bytes()
     (b / "weights.irpa").write_bytes(irpa[:-8])
     with pytest.raises(mhagen.BundleError, match="weights.irpa does not match"):

@@ -1,0 +1,170 @@
+"""`run.py` and `mhagen run`: load one target of a bundle, feed it .npy inputs, write .npy outputs.
+
+Inputs are read without pickle, and a `.npy` whose header promises more (or less) data than the
+file holds is refused before anything is allocated. Outputs are written atomically: each goes to
+a temporary file beside its destination and is renamed into place only once complete, so a full
+disk leaves the previous file (or none), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from .bundle import load_bundle
+from .errors import CallError, MhagenError
+
+__all__ = ["run_main", "OneLineParser", "read_npy", "save_npy_atomic"]
+
+INPUT_NAMES = ("query", "value", "key", "attention_mask", "dropout_key")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`PROG: error: ...`) with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def read_npy(path: str | Path, name: str) -> np.ndarray:
+    """A `.npy` file as an array: a regular file, no pickle, the header's size equal to the data's."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise CallError(f"Cannot read `{name}` from {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CallError(f"Cannot read `{name}` from {path}: not a regular file")
+        os.set_blocking(f.fileno(), True)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f, max_header_size=10000)
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
+            raise CallError(f"Cannot read `{name}` from {path}: not a .npy file ({str(exc)[:100]})") from None
+        if dtype.hasobject:
+            raise CallError(f"Cannot read `{name}` from {path}: it holds Python objects (pickle), "
+                            "which are never loaded; save a numeric array")
+        count = 1
+        for d in shape:
+            count *= int(d)
+        expected = count * dtype.itemsize
+        available = info.st_size - f.tell()
+        if expected != available:
+            raise CallError(f"Cannot read `{name}` from {path}: its header says shape {shape} {dtype} "
+                            f"({expected} bytes) but the file holds {available} bytes of data")
+        data = f.read(expected)
+    array = np.frombuffer(data, dtype=dtype)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` through a temporary file renamed into place (never a partial file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _destinations(output: str, names: Sequence[str]) -> list[Path]:
+    """`--output FILE.npy` for a single output, else `--output DIR` holding NAME.npy per output."""
+    out = Path(output)
+    if out.suffix == ".npy":
+        if len(names) > 1:
+            raise CallError(f"--output {output} names one .npy file, but this bundle returns "
+                            f"{' and '.join(names)}: give a directory instead")
+        if out.is_dir():
+            raise CallError(f"--output {output} is a directory; give a file name or a directory "
+                            "without the .npy suffix")
+        if not out.parent.is_dir():
+            raise CallError(f"--output {output}: the folder {out.parent} does not exist")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise CallError(f"--output {output} exists and is not a directory (give a directory, "
+                        "or a FILE.npy for a single output)")
+    return [out / f"{n}.npy" for n in names]
+
+
+def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = None,
+             prog: str = "run.py") -> int:
+    """`run.py` / `mhagen run`: load a bundle target, feed .npy inputs, write .npy outputs.
+
+    run.py --target cpu --input query=q.npy --input value=v.npy --output OUTDIR
+    Exit codes: 0 ok, 2 bad input or environment (one line on stderr), 130 interrupted.
+    """
+    parser = OneLineParser(prog=prog, description="Run an mhagen bundle on .npy inputs.")
+    if bundle is None:
+        parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--target", default="cpu", help="target directory in the bundle (default cpu)")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                        help="an input: query, value, key, attention_mask or dropout_key")
+    parser.add_argument("--output", required=True,
+                        help="FILE.npy for a single output, or a directory for output.npy (and scores.npy)")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="run a target even though its verify failed when the bundle was built")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        inputs: dict[str, Any] = {}
+        for item in args.input:
+            name, sep, file = item.partition("=")
+            if not sep or name not in INPUT_NAMES or not file:
+                raise CallError(f"Received an invalid value for argument `--input`, expected NAME=FILE.npy "
+                                f"with NAME one of {', '.join(INPUT_NAMES)}. Received: --input={item!r}")
+            if name in inputs:
+                raise CallError(f"--input {name} is given twice")
+            inputs[name] = file
+        for name in ("query", "value"):
+            if name not in inputs:
+                raise CallError(f"Missing --input {name}=FILE.npy")
+        layer = load_bundle(bundle if bundle is not None else args.bundle, args.target,
+                            allow_failed=args.allow_failed)
+        names = [s.name for s in layer.outputs]
+        destinations = _destinations(args.output, names)
+        arrays = {name: read_npy(file, name) for name, file in inputs.items()}
+        started = time.perf_counter()
+        result = layer(**arrays)
+        seconds = time.perf_counter() - started
+        outs = list(result) if isinstance(result, tuple) else [result]
+        destinations[0].parent.mkdir(parents=True, exist_ok=True)
+        for dest, array in zip(destinations, outs):
+            save_npy_atomic(dest, array)
+        for name, dest, array in zip(names, destinations, outs):
+            print(f"{name}: {array.shape} {array.dtype} -> {dest}")
+        print(f"ran `{layer.target_name}` in {seconds * 1e3:.2f} ms (including transfers)")
+    except MhagenError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = exc.filename or args.output
+        print(f"{prog}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory running the bundle", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

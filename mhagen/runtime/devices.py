@@ -1,0 +1,145 @@
+"""Drivers and devices: which IREE drivers have a device here, one shared device per driver, and
+loading a compiled module (with its parameter archive) onto it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MhagenRuntimeError
+from .transfer import to_device, to_host
+
+__all__ = ["driver_status", "Device", "parameter_index", "load_module", "host_arch", "host_cpu_features",
+           "runtime_version", "PARAMETER_SCOPE"]
+
+PARAMETER_SCOPE = "model"
+
+
+@functools.lru_cache(maxsize=None)
+def driver_status(driver: str) -> tuple[bool, str]:
+    """(True, "device name") when `driver` exists in this runtime and has a device, else (False, why)."""
+    import iree.runtime as rt
+
+    if driver not in rt.query_available_drivers():
+        return False, f"this IREE runtime has no `{driver}` driver"
+    if driver in ("local-task", "local-sync"):
+        return True, "host CPU"
+    try:
+        devices = rt.get_driver(driver).query_available_devices()
+    except Exception as exc:  # noqa: BLE001 - the driver refuses to start: no device
+        message = _first_line(exc)
+        library = re.search(r"library '?([\w./-]+\.so)", message) or re.search(r"([\w-]+\.so)", message)
+        if library:
+            return False, f"no `{driver}` device: {library.group(1)} is not installed"
+        return False, f"no `{driver}` device ({message})"
+    if not devices:
+        return False, f"`{driver}` driver found no device"
+    return True, str(devices[0].get("name", driver))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The useful part of an IREE status message: no source path, no status code."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\S*iree/\S+:\d+:\s*", "", text)
+    text = re.sub(r"^(Error creating driver:\s*)?[A-Z_]+;\s*", "", text)
+    return text or type(exc).__name__
+
+
+class Device:
+    """One runtime device per driver, shared by every module loaded on it (creation is costly)."""
+
+    _lock = threading.Lock()
+    _cache: dict[str, "Device"] = {}
+
+    def __init__(self, driver: str):
+        import iree.runtime as rt
+
+        ok, reason = driver_status(driver)
+        if not ok:
+            raise MhagenRuntimeError(f"Cannot run on driver `{driver}`: {reason}")
+        self.driver = driver
+        self.config = rt.Config(driver)
+        self.hal = self.config.device
+
+    @classmethod
+    def get(cls, driver: str) -> "Device":
+        with cls._lock:
+            if driver not in cls._cache:
+                cls._cache[driver] = cls(driver)
+            return cls._cache[driver]
+
+    def to_device(self, array: np.ndarray) -> Any:
+        return to_device(self.hal, array)
+
+    def to_host(self, result: Any) -> np.ndarray:
+        return to_host(self.hal, result)
+
+
+def parameter_index(weights: Mapping[str, np.ndarray] | None = None, *, irpa: str | Path | None = None) -> Any:
+    """An `iree.runtime.ParameterIndex` from in-memory arrays or an .irpa archive."""
+    import iree.runtime as rt
+
+    index = rt.ParameterIndex()
+    if irpa is not None:
+        index.load(str(irpa))
+    for name, array in (weights or {}).items():
+        index.add_buffer(name, np.ascontiguousarray(array).tobytes())
+    return index
+
+
+def load_module(vmfb: bytes, driver: str, *, parameters: Any = None) -> tuple[Device, Any]:
+    """Load a .vmfb on `driver`: returns the device and the module's function table.
+
+    `parameters` is an `iree.runtime.ParameterIndex` for modules whose weights live in a
+    parameter archive (scope "model")."""
+    import iree.runtime as rt
+
+    device = Device.get(driver)
+    try:
+        modules = []
+        if parameters is not None:
+            provider = parameters.create_provider(scope=PARAMETER_SCOPE)
+            modules.append(rt.create_io_parameters_module(device.config.vm_instance, provider))
+        module = rt.VmModule.copy_buffer(device.config.vm_instance, vmfb)
+        context = rt.SystemContext(vm_modules=modules + [module], config=device.config)
+        functions = context.modules[module.name]
+    except (RuntimeError, ValueError) as exc:
+        raise MhagenRuntimeError(f"IREE runtime could not load the module on `{driver}`: "
+                                 f"{_first_line(exc)}") from None
+    return device, (context, functions)
+
+
+
+def runtime_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("iree-base-runtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture, in the spelling target files use (x86_64, aarch64, ...)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_features() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
