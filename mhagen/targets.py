@@ -200,9 +200,14 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> list[Target]:
         if value.strip() == "all":
             return [t for _, t in sorted(all_targets().items())
                     if not t.refused and not known_broken(t)]
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not value:
-        raise TargetError("Received an empty target list, expected target names or `all`")
+        value = [v.strip() for v in value.split(",")]
+    if not value or any(not v for v in value):
+        raise TargetError(f"Received an invalid value for argument `targets`, expected comma-separated "
+                          f"target names or `all`. Received: targets={','.join(value)!r}")
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise TargetError(f"Received an invalid value for argument `targets`, expected each target once. "
+                          f"Received: {', '.join(repeated)} more than once")
     return [get_target(v) for v in value]
 
 

@@ -9,6 +9,7 @@ disk leaves the previous file (or none), never a truncated one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
@@ -43,11 +44,12 @@ def read_npy(path: str | Path, name: str) -> np.ndarray:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise CallError(f"Cannot read `{name}` from {path}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CallError(f"Cannot read `{name}` from {path}: not a regular file")
+    os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CallError(f"Cannot read `{name}` from {path}: not a regular file")
-        os.set_blocking(f.fileno(), True)
         try:
             version = np.lib.format.read_magic(f)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -55,6 +57,9 @@ def read_npy(path: str | Path, name: str) -> np.ndarray:
             shape, fortran, dtype = read_header(f, max_header_size=10000)
         except (ValueError, OSError, EOFError, SyntaxError) as exc:
             raise CallError(f"Cannot read `{name}` from {path}: not a .npy file ({str(exc)[:100]})") from None
+        if any(int(d) < 0 for d in shape):
+            raise CallError(f"Cannot read `{name}` from {path}: not a .npy file (negative dimension in "
+                            f"shape {shape})")
         if dtype.hasobject:
             raise CallError(f"Cannot read `{name}` from {path}: it holds Python objects (pickle), "
                             "which are never loaded; save a numeric array")
@@ -105,6 +110,30 @@ def _destinations(output: str, names: Sequence[str]) -> list[Path]:
     return [out / f"{n}.npy" for n in names]
 
 
+def _write_outputs(destinations: Sequence[Path], arrays: Sequence[np.ndarray]) -> None:
+    """Write every output atomically; on failure remove what this call created (folders included)."""
+    folder = destinations[0].parent
+    created = []
+    for parent in reversed([folder, *folder.parents]):
+        if not parent.exists():
+            created.append(parent)
+    written: list[Path] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for dest, array in zip(destinations, arrays):
+            existed = dest.exists()
+            save_npy_atomic(dest, array)
+            if not existed:
+                written.append(dest)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = None,
              prog: str = "run.py") -> int:
     """`run.py` / `mhagen run`: load a bundle target, feed .npy inputs, write .npy outputs.
@@ -148,9 +177,7 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
         result = layer(**arrays)
         seconds = time.perf_counter() - started
         outs = list(result) if isinstance(result, tuple) else [result]
-        destinations[0].parent.mkdir(parents=True, exist_ok=True)
-        for dest, array in zip(destinations, outs):
-            save_npy_atomic(dest, array)
+        _write_outputs(destinations, outs)
         for name, dest, array in zip(names, destinations, outs):
             print(f"{name}: {array.shape} {array.dtype} -> {dest}")
         print(f"ran `{layer.target_name}` in {seconds * 1e3:.2f} ms (including transfers)")

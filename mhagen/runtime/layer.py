@@ -163,6 +163,9 @@ class CompiledLayer:
         if attention_mask is not None and "attention_mask" not in names:
             raise CallError("`attention_mask` was given, but the spec declares no mask "
                             "(set [call] attention_mask = true)")
+        if dropout_key is not None and not self.interface.get("dropout"):
+            raise CallError("`dropout_key` was given, but this layer applies no dropout "
+                            "(the spec sets no dropout rate or does not train)")
         if query is None or value is None:
             raise CallError("`query` and `value` are required")
         dt = self.interface["compute_dtype"]

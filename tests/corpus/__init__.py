@@ -48,6 +48,7 @@ def refuses(argv: Sequence[str], capsys, *, needle: str | Iterable[str] = (), co
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == code, (rc, err, captured.out)
     assert "Traceback" not in err and "Traceback" not in captured.out, err
+    assert "internal error" not in err, err            # an unexpected exception, caught as a bug
     assert 1 <= len(lines) <= max_lines, lines
     for n in ([needle] if isinstance(needle, str) else list(needle)):
         assert n in err, (n, err)
