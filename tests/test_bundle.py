@@ -187,6 +187,11 @@ def test_dynamic_batch_and_seq(tmp_path: Path, mode: str) -> None:
         layer(np.zeros((5, 4, 8), np.float32), np.zeros((5, 4, 8), np.float32))
     with pytest.raises(mhagen.CallError, match="expected \\(\\*, \\*, 8\\)"):
         layer(np.zeros((2, 4, 7), np.float32), np.zeros((2, 4, 7), np.float32))
+    # Empty calls keep their empty axes, as Keras does: no rows in, no rows out.
+    out, scores = layer(np.zeros((2, 0, 8), np.float32), np.zeros((2, 0, 8), np.float32))
+    assert out.shape == (2, 0, 8) and scores.shape == (2, 2, 0, 0)
+    out, scores = layer(np.zeros((0, 5, 8), np.float32), np.zeros((0, 5, 8), np.float32))
+    assert out.shape == (0, 5, 8) and scores.shape == (0, 2, 5, 5)
 
 
 def test_dynamic_cross_attention_pads_keys_under_the_mask(tmp_path: Path) -> None:
