@@ -8,10 +8,17 @@ window, key blocks that no query of the block may attend to are skipped. Short s
 keys in one step, for a batch group or a block of query rows small enough that the step's scores
 stay in the caches, which is faster than Keras' formulation on CPU as well.
 
-The result is Keras' explicit path up to float rounding: masked scores get `large_negative` added
-before the softmax and masked probabilities are zeroed, so a query row with every key masked gets a
-zero context. The denominator sums the allowed terms only; Keras' also counts the masked ones, but
-they underflow to exactly 0 unless the whole row is masked, and then the context is 0 either way.
+The result is Keras' explicit path up to float rounding: masked scores are replaced by
+`large_negative` before the softmax (a NaN score there is dropped, as Keras drops it) and masked
+probabilities are replaced by 0, so a query row with every key masked gets a zero context. The
+denominator sums the allowed terms only; Keras' also counts the masked ones, but they underflow
+to exactly 0 unless the whole row is masked, and then the context is 0 either way.
+
+NaN lands where Keras puts it, with one exception: key blocks that no query of a block may see
+under the causal mask or the sliding window are never read, so a NaN (or infinite) *value* there
+does not reach the output, where Keras' `probs @ V` gives 0 * NaN = NaN in every row of its batch
+element (a NaN *key* there is dropped by both). Reading those blocks only to copy that would cost
+the time and memory the blocks save.
 
     ctx = attention(q, k, v, causal=True)        # q (B, T, N, H), k (B, S, N, H), v (B, S, N, Hv)
 """
@@ -245,13 +252,13 @@ def attention(
                 s = lax.dot_general(qi, take(k, b0, b1, c0, c1), (((3,), (3,)), ((0, 2), (0, 2))))
                 ok = allowed(b0, b1, r0, r1, c0, c1)
                 if ok is not None:
-                    s = s + jnp.where(ok, zero, penalty)      # Keras: scores + (1 - mask) * -1e9
+                    s = jnp.where(ok, s, penalty)            # Keras: masked scores replaced (NaN too)
                 m = jnp.max(s, axis=-1, keepdims=True)
                 if state is not None:
                     m = jnp.maximum(state[0], m)
                 p = jnp.exp(s - m)
                 if ok is not None:
-                    p = jnp.where(ok, p, zero)               # Keras: probs * mask
+                    p = jnp.where(ok, p, zero)               # Keras: masked probs replaced by 0
                 num = lax.dot_general(p, take(v, b0, b1, c0, c1), (((3,), (1,)), ((0, 1), (0, 2))))
                 den = jnp.sum(p, axis=-1, keepdims=True)
                 if single:

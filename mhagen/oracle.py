@@ -29,6 +29,11 @@ def _float64(x: Any) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
+def _large_negative(compute_dtype: str) -> float:
+    """Keras' `_large_negative_number`: the fill of masked scores before the softmax."""
+    return -3e4 if compute_dtype == "float16" else -1e9
+
+
 def reference(
     spec: Spec,
     weights: Sequence[Any] | Mapping[str, Any],
@@ -101,12 +106,14 @@ def reference(
         allowed &= band
     allowed = allowed.reshape(scores.shape)
 
-    shifted = np.where(allowed, scores, -np.inf)
-    peak = shifted.max(axis=-1, keepdims=True)
-    peak = np.where(np.isfinite(peak), peak, 0.0)
-    e = np.where(allowed, np.exp(shifted - peak), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
-    probs = np.divide(e, total, out=np.zeros_like(e), where=total > 0)  # fully masked rows stay 0
+    # Keras' Softmax: masked scores are *replaced* by a large negative number (so a NaN score
+    # there is gone), the row max is taken over what is left (a NaN anywhere unmasked makes
+    # the whole row NaN), and masked probabilities are then *replaced* by 0 (a fully masked row,
+    # uniform after the fill, becomes 0; a NaN row keeps 0 at its masked places).
+    filled = np.where(allowed, scores, _large_negative(call.dtype_policy.compute))
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(filled - filled.max(axis=-1, keepdims=True))
+        probs = np.where(allowed, e / e.sum(axis=-1, keepdims=True), 0.0)
 
     used = probs
     if dropout_keep is not None and layer.dropout > 0:

@@ -196,9 +196,11 @@ def forward(
                 allowed = band if allowed is None else jnp.logical_and(allowed, band)
             softmax_axes = tuple(range(-k, 0))
             if allowed is not None:
-                keep_f = allowed.astype(compute)
-                scores = scores + (1.0 - keep_f) * jnp.asarray(large_negative, compute)
-                probs = jax.nn.softmax(scores, axis=softmax_axes) * keep_f
+                # Keras' Softmax replaces masked scores (a NaN there is dropped, not added to) and
+                # then replaces masked probabilities by 0 (not `* mask`: 0 * NaN is NaN).
+                zero = jnp.zeros((), compute)
+                scores = jnp.where(allowed, scores, jnp.asarray(large_negative, compute))
+                probs = jnp.where(allowed, jax.nn.softmax(scores, axis=softmax_axes), zero)
             else:
                 probs = jax.nn.softmax(scores, axis=softmax_axes)
             used = probs

@@ -53,7 +53,13 @@ class Comparison:
 
 
 def compare(got: Any, expected: Any, *, tol: Tolerance, name: str = "outputs[0]") -> Comparison:
-    """Compare shape, then values; the message names the worst element when values disagree."""
+    """Compare shape, then values; the message names the worst element when values disagree.
+
+    NaN and infinities are compared by place: NaN in both at the same place agrees, an infinity
+    agrees with one of the same sign, and any other place where either side is not finite is a
+    mismatch reported as such, before any rounding error:
+    `outputs[0][0, 3, 1]: got nan, expected 0.52 (NaN where the oracle has a number, 8 places)`.
+    """
     got = np.asarray(got)
     expected = np.asarray(expected, dtype=np.float64)
     if got.shape != expected.shape:
@@ -62,19 +68,47 @@ def compare(got: Any, expected: Any, *, tol: Tolerance, name: str = "outputs[0]"
     g = got.astype(np.float64)
     if g.size == 0:
         return Comparison(name, True, 0.0, 0.0, f"{name}: empty")
+    finite = np.isfinite(g) & np.isfinite(expected)
+    agree = (np.isnan(g) & np.isnan(expected)) | (np.isinf(g) & (g == expected))
+    wrong = ~finite & ~agree
+    if wrong.any():
+        worst = tuple(int(i) for i in np.argwhere(wrong)[0])
+        what = _nonfinite_mismatch(float(g[worst]), float(expected[worst]))
+        count = int(wrong.sum())
+        return Comparison(name, False, float("inf"), float("inf"),
+                          f"{name}[{_where(worst)}]: got {g[worst]:.6g}, expected {expected[worst]:.6g} "
+                          f"({what}{f', {count} places' if count > 1 else ''})")
+    if not finite.any():
+        return Comparison(name, True, 0.0, 0.0,
+                          f"{name}: all {g.size} values NaN or infinite, at the oracle's places")
+    # Agreeing NaN and infinities out of the arithmetic (inf - inf, 0 * inf would warn).
+    g, expected = np.where(finite, g, 0.0), np.where(finite, expected, 0.0)
     err = np.abs(g - expected)
-    err = np.where(np.isnan(err), np.inf, err)
     rel = err / np.maximum(np.abs(expected), 1e-30)
     max_abs = float(err.max())
     max_rel = float(np.where(np.abs(expected) > tol.atol, rel, 0.0).max())
-    excess = err - (tol.atol + tol.rtol * np.abs(expected))
+    excess = np.where(finite, err - (tol.atol + tol.rtol * np.abs(expected)), -np.inf)
     worst = np.unravel_index(int(np.argmax(excess)), err.shape)
     passed = bool(excess[worst] <= 0)
-    where = ", ".join(str(int(i)) for i in worst)
-    message = (f"{name}[{where}]: got {g[worst]:.6g}, expected {expected[worst]:.6g} "
+    message = (f"{name}[{_where(worst)}]: got {g[worst]:.6g}, expected {expected[worst]:.6g} "
                f"(|err| {err[worst]:.2g} {'<=' if passed else '>'} atol {tol.atol:g}"
                f"{f' + rtol {tol.rtol:g}' if tol.rtol else ''})")
     return Comparison(name, passed, max_abs, max_rel, message)
+
+
+def _where(index: tuple[Any, ...]) -> str:
+    return ", ".join(str(int(i)) for i in index)
+
+
+def _kind(x: float) -> str:
+    return "NaN" if np.isnan(x) else "infinity" if np.isinf(x) else "a number"
+
+
+def _nonfinite_mismatch(got: float, expected: float) -> str:
+    """Why a place where one side is NaN or infinite disagrees, e.g. "NaN where the oracle has a number"."""
+    if np.isinf(got) and np.isinf(expected):
+        return "infinity of the wrong sign"
+    return f"{_kind(got)} where the oracle has {_kind(expected)}"
 
 
 def random_inputs(spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
