@@ -125,7 +125,7 @@ def test_bad_call(case: str, good, tmp_path: Path, capsys) -> None:
         needle = "`query` has dtype int32, expected float32"
     elif case == "wrong_rank":
         q = q[0]
-        needle = "`query` has shape (5, 8), expected (2, 5, 8)"
+        needle = "`query` has shape (5, 8), expected (*, 5, 8) (* = any batch)"
     elif case == "wrong_shape":
         v = np.zeros((2, 6, 8), np.float32)
         needle = "`value` has shape (2, 6, 8), expected (2, 7, 8)"

@@ -102,16 +102,16 @@ def _query(kind: str, d: Path) -> tuple[str, str]:
     if kind == "scalar":
         np.save(p, np.float32(1))
         return str(p), "`query` has shape ()"
-    if kind == "batch_zero":
-        np.save(p, np.ones((0, 3, 8), np.float32))
-        return str(p), "`query` has shape (0, 3, 8)"
+    if kind == "batch_other_lengths":
+        np.save(p, np.ones((1, 4, 8), np.float32))
+        return str(p), "`query` has shape (1, 4, 8), expected (*, 3, 8) (* = any batch)"
     raise AssertionError(kind)
 
 
 QUERY_KINDS = ["empty_file", "text_file", "header_more_than_data", "header_less_than_data", "header_terabyte",
                "header_negative_dim", "header_garbage", "bad_magic_version", "pickled_objects", "fifo",
                "directory", "missing", "int_dtype", "string_dtype", "bool_dtype", "complex_dtype",
-               "wrong_shape", "wrong_rank", "scalar", "batch_zero"]
+               "wrong_shape", "wrong_rank", "scalar", "batch_other_lengths"]
 
 
 @pytest.mark.parametrize("kind", QUERY_KINDS)

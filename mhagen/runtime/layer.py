@@ -221,6 +221,10 @@ class CompiledLayer:
 
     def __call__(self, query: Any, value: Any, key: Any = None, attention_mask: Any = None, *,
                  dropout_key: Any = None) -> Any:
+        declared = self.inputs[0].shape[0]
+        batch = np.shape(query)[0] if np.ndim(query) >= 1 else declared
+        if "batch" not in self.interface.get("dynamic", []) and batch != declared:
+            return self._call_in_chunks(query, value, key, attention_mask, dropout_key=dropout_key)
         fn, arrays, (batch, seq) = self.prepare(query, value, key, attention_mask, dropout_key=dropout_key)
         outs = self.run(fn, arrays)
         if self.interface.get("dynamic"):
@@ -228,6 +232,64 @@ class CompiledLayer:
             outs = [_slice(o, batch, t_len if seq is not None else None, s_len if seq is not None else None, i == 1)
                     for i, o in enumerate(outs)]
         return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+    def _call_in_chunks(self, query: Any, value: Any, key: Any, attention_mask: Any, *,
+                        dropout_key: Any) -> Any:
+        """Any batch on a module compiled for batch B: the rows run B at a time (the last chunk
+        padded with zero rows, which are dropped), since every batch row is computed alone."""
+        declared = self.inputs[0].shape[0]
+        if self.interface.get("dropout"):
+            raise CallError(f"`query` has batch {np.shape(query)[0]}, but this layer trains with dropout, whose "
+                            f"random mask depends on the whole batch: call it with batch {declared}, or "
+                            "build with [call] dynamic = [\"batch\"]")
+        q, v = np.asarray(query), np.asarray(value)
+        k = None if key is None else np.asarray(key)
+        sigs = {s.name: s for s in self.inputs}
+        for name, array in (("query", q), ("value", v), ("key", k)):
+            sig = sigs.get(name)
+            if array is not None and sig is not None and (
+                    array.ndim != len(sig.shape) or array.shape[1:] != sig.shape[1:]):
+                pattern = ", ".join(["*", *(str(d) for d in sig.shape[1:])])
+                raise CallError(f"`{sig.name}` has shape {array.shape}, expected ({pattern}) (* = any batch)")
+        b = q.shape[0]
+        for name, array in (("value", v), ("key", k)):
+            if array is not None and (array.ndim < 1 or array.shape[0] != b):
+                raise CallError(f"`{name}` has shape {array.shape}, but `query` has batch {b}; "
+                                "they must have the same batch")
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        mask_rows = False
+        if mask is not None and self.interface.get("mask"):
+            rank = len(self.interface["mask"]["shape"])
+            if mask.ndim == rank and mask.shape[0] not in (1, b):
+                raise CallError(f"`attention_mask` has shape {mask.shape}: its batch {mask.shape[0]} is "
+                                f"neither 1 nor the batch of `query` ({b})")
+            mask_rows = mask.ndim == rank and mask.shape[0] == b and b != 1
+        if b == 0:
+            probe = self._call_in_chunks(np.zeros((1, *q.shape[1:]), q.dtype), np.zeros((1, *v.shape[1:]), v.dtype),
+                                         None if k is None else np.zeros((1, *k.shape[1:]), k.dtype),
+                                         None, dropout_key=dropout_key)
+            probes = list(probe) if isinstance(probe, tuple) else [probe]
+            empty = [p[:0] for p in probes]
+            return tuple(empty) if len(empty) > 1 else empty[0]
+
+        def rows(array: np.ndarray | None, start: int, fill: Any = 0) -> np.ndarray | None:
+            if array is None:
+                return None
+            part = array[start:start + declared]
+            if part.shape[0] < declared:
+                pad = [(0, declared - part.shape[0])] + [(0, 0)] * (part.ndim - 1)
+                part = np.pad(part, pad, constant_values=fill)
+            return part
+
+        pieces: list[list[np.ndarray]] = []
+        for start in range(0, b, declared):
+            result = self(rows(q, start), rows(v, start), rows(k, start),
+                          rows(mask, start, fill=1) if mask_rows else mask, dropout_key=dropout_key)
+            outs = list(result) if isinstance(result, tuple) else [result]
+            pieces.append([o[: min(declared, b - start)] for o in outs])
+        joined = [np.concatenate(parts, axis=0) for parts in zip(*pieces)]
+        return tuple(joined) if len(joined) > 1 else joined[0]
 
 
 class _Sig:
