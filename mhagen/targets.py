@@ -163,7 +163,7 @@ def get_target(name: str | Target) -> Target:
         targets = all_targets()
         if name not in targets:
             raise TargetError(f"Received an invalid value for argument `target`, expected one of "
-                              f"{', '.join(sorted(targets))}. Received: target={name!r}")
+                              f"{', '.join(sorted(targets))}. Received: target={name!r}{_did_you_mean(name, targets)}")
         target = targets[name]
     if target.refused:
         raise TargetError(f"Target `{target.name}` is refused: {target.refused}")
@@ -171,6 +171,16 @@ def get_target(name: str | Target) -> Target:
     if broken:
         raise TargetError(f"Target `{target.name}` is refused: {broken}")
     return target
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    """` (did you mean X?)` for a near miss or a family name (`cuda` -> `cuda-sm80`), else ''."""
+    import difflib
+
+    names = sorted(choices)
+    family = [n for n in names if isinstance(name, str) and n.startswith(f"{name}-")]
+    close = family[:1] or difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 # Flags IREE 3.13 accepts but cannot compile attention for (checked on this compiler): refused up

@@ -293,3 +293,23 @@ def test_bundle_path_not_a_bundle(bundles, tmp_path: Path, capsys) -> None:
         refuses(["run", str(path), "--input", f"query={root / 'q.npy'}", "--input", f"value={root / 'v.npy'}",
                  "--output", str(tmp_path / "o")], capsys, needle=needle, watch=[root])
         assert not (tmp_path / "o").exists()
+
+
+def test_target_auto_takes_the_first_runnable_target(bundles, tmp_path: Path, capsys) -> None:
+    """`auto` walks GPUs first, then the CPU; a failed or foreign target is passed over."""
+    good, other, root = bundles
+    b = tmp_path / "bundle"
+    shutil.copytree(good, b)
+    layer = mhagen.load(b, target="auto")
+    assert layer.target_name == "cpu"
+    m = _manifest(b)
+    cuda = dict(m["targets"][0], name="cuda-sm80", driver="cuda", arch="any", cpu_features=[])
+    m["targets"].insert(0, cuda)
+    _save(b, m)
+    assert mhagen.load(b, target="auto").target_name == "cpu"     # no CUDA device here
+    argv = ["run", str(b), "--target", "auto", "--input", f"query={root / 'q.npy'}",
+            "--input", f"value={root / 'v.npy'}", "--output", str(tmp_path / "o.npy")]
+    assert main(argv) == 0 and "ran `cpu`" in capsys.readouterr().out
+    _set("targets.1.verify", {"status": "FAIL", "passed": False})(b, other)
+    with pytest.raises(mhagen.BundleError, match="no target of this bundle runs on this machine"):
+        mhagen.load(b, target="auto")

@@ -216,6 +216,8 @@ def _cli_cases(root: Path, d: Path) -> dict[str, tuple[list[str], str]]:
         "targets_empty": (["verify", spec, "--targets", ""], "expected comma-separated target names"),
         "targets_trailing_comma": (["verify", spec, "--targets", "cpu,"], "expected comma-separated"),
         "targets_unknown": (["verify", spec, "--targets", "cpu,gpu9000"], "Received: target='gpu9000'"),
+        "target_near_miss": (["verify", spec, "--targets", "cuda"], "(did you mean `cuda-sm80`?)"),
+        "target_typo": (["build", spec, "--target", "vulkn", "--out", str(d / "o")], "(did you mean `vulkan`?)"),
         "target_refused": (["build", spec, "--target", "cuda-sm90", "--out", str(d / "o")], "is refused"),
         "build_targets_repeated": (["build", spec, "--targets", "vmvx,vmvx", "--out", str(d / "o")],
                                    "expected each target once"),
@@ -241,7 +243,7 @@ def _cli_cases(root: Path, d: Path) -> dict[str, tuple[list[str], str]]:
 
 
 CLI_CASES = ["targets_repeated", "target_and_targets", "targets_empty", "targets_trailing_comma",
-             "targets_unknown", "target_refused", "build_targets_repeated", "spec_missing", "spec_directory",
+             "targets_unknown", "target_near_miss", "target_typo", "target_refused", "build_targets_repeated", "spec_missing", "spec_directory",
              "weights_missing", "weights_directory", "json_in_missing_folder", "json_is_directory",
              "json_through_a_file", "seed_not_a_number", "unknown_command", "unknown_option", "build_without_out",
              "run_without_output", "no_command", "import_keras_missing_file"]

@@ -26,7 +26,7 @@ from .errors import BundleError
 from .layer import CompiledLayer
 
 __all__ = ["MANIFEST_VERSION", "sha256_file", "read_manifest", "validate_manifest", "check_files",
-           "check_machine", "read_bundle_file", "load_bundle"]
+           "check_machine", "read_bundle_file", "choose_target", "load_bundle"]
 
 MANIFEST_VERSION = 1
 
@@ -324,19 +324,54 @@ def verify_failed(target: Mapping[str, Any]) -> bool:
     return target.get("runnable") is False or target.get("verify", {}).get("passed") is False
 
 
+# `target="auto"` picks the first target of the bundle that runs here, by driver in this order
+# (GPUs first, then the CPU, IREE's reference VM last), as ONNX Runtime walks its provider list.
+AUTO_DRIVER_ORDER = ("cuda", "hip", "metal", "vulkan", "local-task", "local-sync")
+
+
+def choose_target(bundle: Path, manifest: Mapping[str, Any], *, allow_failed: bool = False) -> str:
+    """The target `auto` means: the first that runs on this machine, by `AUTO_DRIVER_ORDER`."""
+    from .devices import driver_status
+
+    def rank(t: Mapping[str, Any]) -> int:
+        driver = t["driver"]
+        return AUTO_DRIVER_ORDER.index(driver) if driver in AUTO_DRIVER_ORDER else len(AUTO_DRIVER_ORDER)
+
+    skipped = []
+    for t in sorted(manifest["targets"], key=rank):
+        if verify_failed(t) and not allow_failed:
+            skipped.append(f"{t['name']}: failed its verify")
+            continue
+        ok, why = driver_status(t["driver"])
+        if not ok:
+            skipped.append(f"{t['name']}: {why}")
+            continue
+        try:
+            check_machine(t)
+        except BundleError as exc:
+            skipped.append(f"{t['name']}: {str(exc).split(';')[0]}")
+            continue
+        return t["name"]
+    raise BundleError(f"{bundle}: no target of this bundle runs on this machine ({'; '.join(skipped)})")
+
+
 def load_bundle(bundle: str | Path, target: str = "cpu", *, verify_hashes: bool = True,
                 allow_failed: bool = False) -> CompiledLayer:
     """Load one target of a bundle directory: the same callable `mhagen.build` returns.
 
     Validates the manifest, checks the SHA-256 of every file it lists (`verify_hashes`), the IREE
     runtime version, and that the module was compiled for this machine's CPU. A target whose verify
-    failed when the bundle was built is refused unless `allow_failed=True`.
+    failed when the bundle was built is refused unless `allow_failed=True`. `target="auto"` takes
+    the first target that runs here, GPUs first (`AUTO_DRIVER_ORDER`); `layer.target_name` says
+    which.
 
         layer = load_bundle("out/encoder", target="cpu")
         out = layer(query, value)
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    if target == "auto":
+        target = choose_target(bundle, manifest, allow_failed=allow_failed)
     targets = {t["name"]: t for t in manifest["targets"]}
     if target not in targets:
         raise BundleError(f"{bundle} has no target `{target}`; it holds: {', '.join(sorted(targets))}")

@@ -144,7 +144,8 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
     parser = OneLineParser(prog=prog, description="Run an mhagen bundle on .npy inputs.")
     if bundle is None:
         parser.add_argument("bundle", help="bundle directory")
-    parser.add_argument("--target", default="cpu", help="target directory in the bundle (default cpu)")
+    parser.add_argument("--target", default="cpu", help="target in the bundle (default cpu), or `auto`: "
+                        "the first that runs here, in the order cuda, rocm, metal, vulkan, cpu, vmvx")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input: query, value, key, attention_mask or dropout_key")
     parser.add_argument("--output", required=True,
