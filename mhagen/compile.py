@@ -3,8 +3,13 @@
 Compiles go through a content-addressed cache keyed on the program, the flags and the compiler
 version (and, for host targets, this CPU), so an unchanged rebuild costs a file read. The
 cache lives in `MHAGEN_CACHE_DIR` (default `~/.cache/mhagen`); `MHAGEN_CACHE_DIR=off` disables it.
+Each entry, `KEY.vmfb`, starts with the SHA-256 of the module it holds and is written atomically
+with it; every read checks it, and an entry that fails (a flipped bit, a truncation, no digest) is
+discarded with one warning line and recompiled, never returned.
+
 A compile that runs longer than `MHAGEN_COMPILE_TIMEOUT` seconds (default 1200) is stopped and
-reported as a `CompileError`, never left hanging.
+reported as a `CompileError`, never left hanging; the `iree-compile` child is killed when this
+process is interrupted, fails, or (on Linux) dies, even by SIGKILL.
 
     vmfb = compile_program(program.text, get_target("cpu"))
 """
@@ -15,6 +20,7 @@ import hashlib
 import importlib.metadata
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +33,9 @@ from .targets import Target, compile_flags, get_target, stated_flags
 __all__ = ["Compiled", "compile_program", "compiler_version", "cache_dir", "check_dtype"]
 
 DEFAULT_TIMEOUT_S = 1200.0
+# A cache entry: the header `mhagen-cache-entry key:KEY sha256:DIGEST\n` (hex), then the module.
+_ENTRY_MAGIC = b"mhagen-cache-entry key:"
+_ENTRY_HEADER = len(_ENTRY_MAGIC) + 64 + len(b" sha256:") + 64 + 1
 
 
 @dataclass(frozen=True)
@@ -87,18 +96,64 @@ def compile_program(text: str, target: Target | str, *, extra_flags: list[str] |
     key = _cache_key(target, extra, text)
     cache = cache_dir()
     cached_path = cache / f"{key}.vmfb" if cache else None
-    if cached_path is not None and cached_path.is_file():
-        return Compiled(cached_path.read_bytes(), target, tuple(flags), 0.0, True, key)
+    if cached_path is not None:
+        vmfb = _read_entry(cached_path, key)
+        if vmfb is not None:
+            return Compiled(vmfb, target, tuple(flags), 0.0, True, key)
 
     start = time.perf_counter()
     vmfb = _run_compiler(text, target, flags)
     seconds = time.perf_counter() - start
     if cached_path is not None:
         try:
-            _atomic_write(cached_path, vmfb)
+            _atomic_write(cached_path, _entry(key, vmfb))
         except OSError:
             pass  # a read-only or full cache directory only costs speed
     return Compiled(vmfb, target, tuple(flags), seconds, False, key)
+
+
+def _entry(key: str, vmfb: bytes) -> bytes:
+    """The cache entry for `key`: header with the key and the module's SHA-256, then the module.
+
+    One file, so one atomic write lands both. The key in the header catches an entry copied or
+    renamed under another key, which the digest alone would bless."""
+    return _header(key, hashlib.sha256(vmfb).hexdigest()) + vmfb
+
+
+def _header(key: str, digest: str) -> bytes:
+    return _ENTRY_MAGIC + f"{key} sha256:{digest}\n".encode()
+
+
+def _read_entry(path: Path, key: str) -> bytes | None:
+    """The module cached at `path` if its SHA-256 checks out; None on a miss or a bad entry.
+
+    A bad entry is removed, with one warning line on stderr, so the caller recompiles it."""
+    try:
+        if not path.is_file():        # absent, or not a regular file (reading a FIFO would block)
+            return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return _discard(path, key, f"unreadable: {exc.strerror or exc}")
+    header, vmfb = data[:_ENTRY_HEADER], data[_ENTRY_HEADER:]
+    digest = hashlib.sha256(vmfb).hexdigest()
+    if header == _header(key, digest):
+        return vmfb
+    if len(header) < _ENTRY_HEADER or not header.startswith(_ENTRY_MAGIC):
+        return _discard(path, key, "no SHA-256 header")
+    if header[len(_ENTRY_MAGIC):][:64] != key.encode():
+        return _discard(path, key, "written for another key")
+    return _discard(path, key, "SHA-256 mismatch")
+
+
+def _discard(path: Path, key: str, why: str) -> None:
+    print(f"mhagen: warning: cache entry {key} is corrupt ({why}); recompiling", file=sys.stderr)
+    try:
+        path.unlink()
+    except OSError:
+        pass  # a read-only cache: the entry stays, and is checked (and refused) again next time
+    return None
 
 
 def compile_timeout() -> float:
@@ -125,17 +180,56 @@ def _run_compiler(text: str, target: Target, flags: list[str]) -> bytes:
         if saved_command:
             Path(saved_command).write_text(" ".join(command))
         try:
-            done = subprocess.run(command, input=text.encode(), capture_output=True, timeout=timeout)
+            returncode, stdout, stderr = _run_reaped(_with_parent_death(command), text.encode(), timeout)
         except subprocess.TimeoutExpired:
             raise CompileError(f"IREE did not finish compiling for target `{target.name}` within "
                                f"{timeout:g} s (stopped; MHAGEN_COMPILE_TIMEOUT sets the limit)",
                                command=command) from None
-    if done.returncode != 0:
+    if returncode != 0:
         raise CompileError(f"IREE failed to compile for target `{target.name}` ({target.backend})",
                            command=command,
-                           diagnostics=_trim(done.stderr.decode(errors="replace")) or
-                           f"iree-compile exited with status {done.returncode}")
-    return done.stdout
+                           diagnostics=_trim(stderr.decode(errors="replace")) or
+                           f"iree-compile exited with status {returncode}")
+    return stdout
+
+
+def _run_reaped(command: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+    """Run `command` to completion; on the timeout or anything else that stops the wait
+    (KeyboardInterrupt included) the child is killed and reaped before the exception goes on.
+
+    `subprocess.run` kills too, but after a KeyboardInterrupt waits only 0.25 s for the child."""
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as child:
+        try:
+            stdout, stderr = child.communicate(stdin, timeout=timeout)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    return child.returncode, stdout, stderr
+
+
+# Run in a fresh interpreter between fork and exec of the compiler: ask Linux for SIGKILL when the
+# parent dies (PR_SET_PDEATHSIG = 1, kept across exec), then check the parent did not die first.
+# A wrapper rather than `preexec_fn`, which is unsafe in a process with threads (JAX has some).
+_PDEATHSIG_EXEC = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(137)
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write("error: cannot run %s: %s\\n" % (sys.argv[2], exc.strerror))
+    os._exit(127)
+"""
+
+
+def _with_parent_death(command: list[str]) -> list[str]:
+    """`command`, run so that it gets SIGKILL when this process dies (Linux; elsewhere unchanged)."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return command
+    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *command]
 
 
 def _cache_key(target: Target, extra_flags: list[str], text: str) -> str:
