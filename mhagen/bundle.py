@@ -4,24 +4,56 @@
     DIR/weights.irpa            the weights once, as an IREE parameter archive (absent with inline weights)
     DIR/TARGET/module.vmfb      one compiled module per target
     DIR/manifest.json           spec, call interface, targets, versions, verify results, SHA-256 of every file
-    DIR/mhagen_runtime.py       the loader (NumPy + iree-base-runtime only)
+    DIR/mhagen_runtime/         the loader package (NumPy + iree-base-runtime only)
     DIR/run.py, DIR/README.md   how to run it, generated
 
-Writes are atomic: the bundle is assembled in a staging directory beside DIR and swapped in under a
-lock, so a killed or concurrent build never leaves a half-written bundle.
-
     build_bundle(spec, parse_targets("cpu,vulkan"), "out/encoder")
+
+What `--out DIR` may hold. Only an mhagen bundle is replaced: a folder whose `manifest.json` says
+`"format": "mhagen-bundle"` and that holds no file its manifest does not list (`__pycache__` aside).
+An absent path or an empty folder is fine too. Anything else (a user's folder, a file, a bundle
+someone added notes to) is refused with one `BundleError` line before anything is traced, unless
+`force=True` (`--force`).
+
+How it is written. One build at a time per DIR: an exclusive `flock` on a lock file named by the
+SHA-256 of DIR's resolved path, under `$XDG_RUNTIME_DIR/mhagen/locks` (else the user cache folder),
+held for the whole build, so nothing but the bundle itself is ever left beside DIR. The bundle is
+assembled in `.DIR.staging.PID.XXXXXXXX` beside DIR (same filesystem, for the rename) and swapped in
+with Linux's `renameat2(RENAME_EXCHANGE)`, so DIR is at every moment the old or the new complete
+bundle; the old one is removed after. Where the exchange is unavailable (no glibc 2.28, a filesystem
+without it) the swap is two renames, DIR -> `.DIR.old.PID.XXXXXXXX` then staging -> DIR. Whoever holds
+the lock knows that every `.DIR.staging.*` / `.DIR.old.*` belongs to a killed build: the next build
+(or `mhagen reweight`) of the same DIR first moves an orphaned old bundle back when DIR is missing,
+then removes the rest (the stray `.DIR.lock` files of earlier mhagen versions included). OS errors
+(read-only folder, full disk, a path through a file) are one `BundleError` line naming the path
+and the cause, with the staging folder and any parent folders this build created removed.
+
+Verify failures. A target whose verify failed is written, but marked `"runnable": false` in its
+manifest entry (its `verify.passed` is false), so the loader refuses it unless the caller opts in;
+the bundle is swapped in (a rebuild replaces the old one, whose results no longer describe the
+program) and `build_bundle` then raises `VerifyError` naming the failing targets (exit 1).
+
+Test hooks (for the kill tests only): `MHAGEN_TEST_PAUSE_AT=POINT` makes a build announce
+`mhagen-test: paused at POINT` on stderr and sleep there (`MHAGEN_TEST_PAUSE_S`, default 600 s); the
+points are locked (and tidied), staging-created, traced, compiled, verified, before-swap, exchanged, removing-old,
+between-renames and after-renames. `MHAGEN_TEST_NO_EXCHANGE=1` forces the two-rename swap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,12 +63,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from . import runtime as _runtime
+from .budget import check as check_budget
 from .compile import check_dtype, compile_program, compiler_version
-from .errors import BundleError, MhagenError
+from .errors import BundleError, MhagenError, TargetError, VerifyError, invalid
 from .program import render
-from .runtime import MANIFEST_VERSION, load_bundle, runtime_version, sha256_file
+from .runtime import (MANIFEST_VERSION, driver_status, host_arch, host_cpu_features, load_bundle,
+                      runtime_version, sha256_file)
 from .spec import Spec
-from .runtime import host_arch, host_cpu_features
 from .targets import Target, availability
 from .trace import WeightsMode, trace
 from .weights import normalize_weights, weight_names
@@ -48,18 +82,11 @@ __all__ = ["build_bundle", "BuildReport"]
 _ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "popcnt", "abm", "movbe", "aes", "pclmulqdq",
                  "sha_ni", "vaes", "vpclmulqdq", "gfni", "amx", "adx", "lzcnt")
 
+_MANIFEST_MAX_BYTES = 64 << 20   # a manifest bigger than this is not one mhagen wrote
+
 
 class BuildReport(dict):
     """What a build did: per-target compile seconds, cache hits and verify results."""
-
-
-def _write_irpa(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
-    import iree.runtime as rt
-
-    index = rt.ParameterIndex()
-    for name, array in zip(names, arrays):
-        index.add_buffer(name, np.ascontiguousarray(array).tobytes())
-    index.create_archive_file(str(path))
 
 
 def _host_isa() -> list[str]:
@@ -75,100 +102,452 @@ def _target_entry(target: Target) -> dict[str, Any]:
     return entry
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    lock_path = out.parent / f".{out.name}.lock"
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace `out` by the finished staging directory; the old bundle is removed only after."""
-    with _lock(out):
-        if out.exists() and not out.is_dir():
-            raise BundleError(f"Output path {out} exists and is not a directory")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "bundle")
-        os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, flush=True)
 
 
-def _verify(spec: Spec, staging: Path, target: Target, weights: list[np.ndarray]) -> dict[str, Any]:
-    """Load the staged bundle's module for `target` like a user would, and check it on the oracle."""
+def _pause(point: str) -> None:
+    """Test-only: stop at `point` when MHAGEN_TEST_PAUSE_AT names it, so a test can kill us there."""
+    if os.environ.get("MHAGEN_TEST_PAUSE_AT") == point:
+        print(f"mhagen-test: paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("MHAGEN_TEST_PAUSE_S", "600")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming --out: refusals, the lock, what killed builds left, the swap
+# ---------------------------------------------------------------------------------------------
+def _litter_pattern(name: str) -> re.Pattern[str]:
+    """`.NAME.staging.PID.XXXXXXXX` and `.NAME.old.PID.XXXXXXXX` (PID absent in older versions)."""
+    return re.compile(rf"\.{re.escape(name)}\.(staging|old)\.(?:\d+\.)?[a-z0-9_]{{8}}")
+
+
+def _foreign(out: Path, *, force: bool, need_bundle: bool = False) -> str | None:
+    """Why `out` may not be replaced (a clause: "it is ..."), or None when it may.
+
+    Replaceable: absent, an empty folder, or an mhagen bundle holding only the files its manifest
+    lists; with `force`, anything. `need_bundle` (reweight) accepts only the last."""
+    if not os.path.lexists(out):
+        return "it does not exist" if need_bundle else None
+    if force and not need_bundle:
+        return None
+    if not out.is_dir():
+        return f"it is {'a file' if out.is_file() else 'not a folder'}, not an mhagen bundle"
+    try:
+        empty = not os.listdir(out)
+    except OSError as exc:
+        raise BundleError(f"Cannot read {out}: {exc.strerror}") from None
+    if empty and not need_bundle:
+        return None
+    manifest = out / "manifest.json"
+    if not os.path.lexists(manifest):
+        return "it is a folder that is not an mhagen bundle (no manifest.json)"
+    if not manifest.is_file() or manifest.is_symlink():   # a FIFO must not hang us
+        return "it is a folder that is not an mhagen bundle (its manifest.json is not a regular file)"
+    if manifest.stat().st_size > _MANIFEST_MAX_BYTES:
+        return "it is a folder that is not an mhagen bundle (its manifest.json is too large)"
+    try:
+        data = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != "mhagen-bundle":
+        return "it is a folder that is not an mhagen bundle (its manifest.json is not mhagen's)"
+    extra = _unlisted(out, set(data["files"]) if isinstance(data.get("files"), dict) else set())
+    if extra:
+        return (f"it is an mhagen bundle that holds files mhagen did not write: "
+                f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}")
+    return None
+
+
+def _unlisted(out: Path, listed: set[str], limit: int = 4) -> list[str]:
+    """Files (and links) under `out` that neither the manifest nor Python's bytecode cache explain."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel_dir = Path(dirpath).relative_to(out)
+        if "__pycache__" in rel_dir.parts:
+            continue
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        for name in sorted(filenames + links):
+            rel = (rel_dir / name).as_posix()
+            if rel != "manifest.json" and rel not in listed:
+                found.append(rel)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _lock_dir() -> Path:
+    """Where locks live: $XDG_RUNTIME_DIR/mhagen/locks, else the user cache folder, else /tmp."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    candidates = ([Path(runtime_dir) / "mhagen" / "locks"] if runtime_dir else []) + [
+        Path(cache) / "mhagen" / "locks", Path(tempfile.gettempdir()) / f"mhagen-locks-{os.getuid()}"]
+    for candidate in candidates:
+        try:
+            candidate.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    raise BundleError(f"Cannot create a lock folder: tried {', '.join(map(str, candidates))}")
+
+
+def _lock_path(out: Path) -> Path:
+    """The lock of one --out path: keyed by the SHA-256 of its resolved path, outside the tree."""
+    key = hashlib.sha256(os.fsencode(out.resolve())).hexdigest()
+    return _lock_dir() / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path, progress: bool) -> Iterator[None]:
+    """Hold the lock of `out`; the lock file is removed on release, so none piles up.
+
+    A waiter that wakes on a file its holder has just removed sees a different inode at the path
+    and starts over, so two builds never both hold the lock."""
+    path = _lock_path(out)
+    while True:
+        try:
+            handle = open(path, "a+")   # not inherited by child compilers (PEP 446)
+        except OSError as exc:
+            raise BundleError(f"Cannot create the lock file {path} for {out}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(progress, f"waiting for another mhagen build of {out} to finish...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        handle.close()
+
+
+def _tidy(out: Path) -> None:
+    """Under the lock: undo what killed builds left beside `out` (every staging/old is theirs)."""
+    pattern = _litter_pattern(out.name)
+    litter = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name)),
+                    key=lambda p: p.lstat().st_mtime_ns, reverse=True)
+    if not os.path.lexists(out):   # killed between the two renames: the old bundle goes back
+        for old in (p for p in litter if ".old." in p.name):
+            bundle = old if (old / "manifest.json").is_file() else old / "bundle"   # older layout
+            if (bundle / "manifest.json").is_file():
+                os.rename(bundle, out)
+                break
+    for path in litter:
+        _remove(path)
+    legacy = out.parent / f".{out.name}.lock"   # what mhagen 0.1 left beside every bundle
+    if legacy.is_file() and not legacy.is_symlink() and legacy.stat().st_size == 0:
+        legacy.unlink(missing_ok=True)
+
+
+def _remove(path: Path, *, pause_at: str | None = None) -> None:
+    """Delete a file or a folder tree without following links; what cannot go stays for next time."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    first = True
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            with contextlib.suppress(OSError):
+                os.unlink(Path(dirpath) / name)
+            if first and pause_at:
+                _pause(pause_at)
+            first = False
+        for name in dirnames:
+            with contextlib.suppress(OSError):
+                os.rmdir(Path(dirpath) / name)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _make_parents(folder: Path, out: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created (to remove again if the build fails)."""
+    missing = []
+    probe = folder
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BundleError(f"Cannot write the bundle to {out}: {probe} is a file, not a folder")
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except OSError as exc:
+            _remove_empty(created)
+            raise BundleError(f"Cannot write the bundle to {out}: cannot create the folder {path} "
+                              f"({exc.strerror})") from None
+        created.append(path)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _os_error(out: Path, exc: OSError) -> BundleError:
+    """One line naming the path and the cause."""
+    cause = exc.strerror or str(exc)
+    return BundleError(f"Cannot write the bundle to {out}: {cause}")
+
+
+@contextlib.contextmanager
+def _claimed(out: str | Path, *, force: bool, need_bundle: bool = False,
+             progress: bool = False) -> Iterator[tuple[Path, Path]]:
+    """Claim `out` and yield (its resolved path, an empty staging folder beside it).
+
+    Refuses what is not ours before anything else, locks, tidies what killed builds left, and
+    when the block finishes swaps the staging folder in; on any error the staging folder (and
+    the parent folders created here) are removed and `out` is untouched. `need_bundle`: `out`
+    must already be an mhagen bundle (reweight).
+    """
+    given = Path(out)
+    out = given.resolve()
+    if not out.name:
+        raise BundleError(f"Received an invalid value for argument `--out`, expected a folder path "
+                          f"with a name. Received: --out={str(given)!r}")
+
+    def refuse(why: str) -> BundleError:
+        if need_bundle:
+            return BundleError(f"Cannot reweight {out}: {why}")
+        return BundleError(f"Refusing to write the bundle to {out}: {why}; move it away or pass --force "
+                           "to replace it")
+
+    if os.path.lexists(out):   # cheap refusal, before waiting on a lock (again once locked)
+        why = _foreign(out, force=force, need_bundle=need_bundle)
+        if why:
+            raise refuse(why)
+    created = _make_parents(out.parent, out)
+    staging = None
+    try:
+        with _locked(out, progress):
+            try:
+                _tidy(out)
+            except OSError as exc:
+                raise _os_error(out, exc) from None
+            _pause("locked")   # and tidied
+            why = _foreign(out, force=force, need_bundle=need_bundle)
+            if why:
+                raise refuse(why)
+            try:
+                staging = out.parent / _litter_name(out, "staging")
+                staging.mkdir()
+                staging.chmod(0o755)   # readable by all, as the bundle it becomes
+            except OSError as exc:
+                staging = None
+                raise BundleError(f"Cannot write the bundle to {out}: cannot create a folder in "
+                                  f"{out.parent} ({exc.strerror})") from None
+            _pause("staging-created")
+            yield out, staging
+            _pause("before-swap")
+            try:
+                _swap_in(staging, out)
+            except OSError as exc:
+                raise BundleError(f"Cannot write the bundle to {out}: cannot swap the new bundle in "
+                                  f"({exc.strerror or exc})") from None
+            staging = None
+    except BaseException:
+        if staging is not None:
+            _remove(staging)
+        _remove_empty(created)
+        raise
+
+
+def _litter_name(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _renameat2() -> Any:
+    if os.environ.get("MHAGEN_TEST_NO_EXCHANGE"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2   # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the C library, kernel or filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished staging folder at `out`; `out` is never missing where RENAME_EXCHANGE works."""
+    if not os.path.lexists(out):
+        os.rename(staging, out)
+        return
+    if _exchange(staging, out):
+        _pause("exchanged")
+        _remove(staging, pause_at="removing-old")   # the staging name now holds the old bundle
+        return
+    old = out.parent / _litter_name(out, "old")
+    os.rename(out, old)   # under the lock: a killed build's old bundle is moved back by the next one
+    _pause("between-renames")
+    os.rename(staging, out)
+    _pause("after-renames")
+    _remove(old, pause_at="removing-old")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the bundle
+# ---------------------------------------------------------------------------------------------
+def _write_irpa(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
+    import iree.runtime as rt
+
+    index = rt.ParameterIndex()
+    for name, array in zip(names, arrays):
+        index.add_buffer(name, np.ascontiguousarray(array).tobytes())
+    try:
+        index.create_archive_file(str(path))
+    except RuntimeError as exc:   # IREE reports I/O errors as RuntimeError, without errno
+        needed = sum(a.nbytes for a in arrays)
+        if shutil.disk_usage(path.parent).free < needed + (1 << 16):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise OSError(errno.EIO, f"IREE could not write {path.name} ({' '.join(str(exc).split())})",
+                      str(path)) from None
+    path.chmod(0o644)
+
+
+def _copy_runtime(staging: Path) -> None:
+    """The loader, as the package `mhagen_runtime/` (every *.py of mhagen's runtime, no caches)."""
+    source = Path(_runtime.__file__)
+    dest = staging / "mhagen_runtime"
+    dest.mkdir()
+    if source.name == "__init__.py":
+        for path in sorted(source.parent.glob("*.py")):
+            shutil.copyfile(path, dest / path.name)
+    else:   # the single-file runtime of older checkouts
+        shutil.copyfile(source, dest / "__init__.py")
+
+
+def _verify(spec: Spec, staging: Path, name: str, weights: list[np.ndarray], runs: tuple[bool, str]
+            ) -> dict[str, Any]:
+    """Load the staged bundle's module for target `name` like a user would, and check it on the oracle."""
     from .verify import check_outputs, expected_outputs, random_inputs
 
-    avail = availability(target)
-    if not avail.runs:
-        return {"ran": False, "reason": avail.run_reason, "status": "compiled, not run"}
-    layer = load_bundle(staging, target.name)
-    checks = []
-    sizes = [None]
-    if spec.call.dynamic:  # the declared shape, plus the smallest batch and sequence
-        sizes.append((1 if "batch" in spec.call.dynamic else None, 3 if "seq" in spec.call.dynamic else None))
-    for size in sizes:
-        sub = spec if size is None else spec.at_size(size[0], size[1], size[1])
-        inputs = random_inputs(sub, seed=0)
-        result = layer(**inputs)
-        got = list(result) if isinstance(result, tuple) else [result]
-        checks += check_outputs(sub, got, expected_outputs(sub, weights, inputs))
+    if not runs[0]:
+        return {"ran": False, "reason": runs[1], "status": "compiled, not run"}
+    try:
+        layer = load_bundle(staging, name)
+        checks = []
+        sizes = [None]
+        if spec.call.dynamic:  # the declared shape, plus the smallest batch and sequence
+            sizes.append((1 if "batch" in spec.call.dynamic else None, 3 if "seq" in spec.call.dynamic else None))
+        for size in sizes:
+            sub = spec if size is None else spec.at_size(size[0], size[1], size[1])
+            inputs = random_inputs(sub, seed=0)
+            result = layer(**inputs)
+            got = list(result) if isinstance(result, tuple) else [result]
+            checks += check_outputs(sub, got, expected_outputs(sub, weights, inputs))
+    except MhagenError as exc:
+        return {"ran": True, "status": "error", "passed": False, "message": str(exc).splitlines()[0]}
     passed = all(c.passed for c in checks)
     return {"ran": True, "status": "pass" if passed else "FAIL", "passed": passed,
             "max_abs": max(c.max_abs for c in checks), "max_rel": max(c.max_rel for c in checks),
             "message": next((c.message for c in checks if not c.passed), checks[0].message)}
 
 
+def _verify_all(spec: Spec, staging: Path, manifest: dict[str, Any], weights: list[np.ndarray],
+                runs: dict[str, tuple[bool, str]], progress: bool) -> None:
+    """Verify every target entry of `manifest` in place, and mark the failed ones not runnable."""
+    for entry in manifest["targets"]:
+        name = entry["name"]
+        _say(progress, f"verify {name}...")
+        entry["verify"] = result = _verify(spec, staging, name, weights, runs[name])
+        entry["runnable"] = result.get("passed") is not False
+        detail = (f" (max abs err {result['max_abs']:.2g})" if result.get("max_abs") is not None
+                  else f" ({result.get('reason') or result.get('message', '')})")
+        _say(progress, f"verify {name}: {result['status']}{detail}")
+
+
+def _failed(out: Path, manifest: dict[str, Any]) -> VerifyError | None:
+    bad = [e for e in manifest["targets"] if e.get("verify", {}).get("passed") is False]
+    if not bad:
+        return None
+    names = ", ".join(e["name"] for e in bad)
+    return VerifyError(f"{names} {'disagrees' if len(bad) == 1 else 'disagree'} with the oracle "
+                       f"({bad[0]['name']}: {bad[0]['verify'].get('message', '')}); bundle written to {out} "
+                       f"with {names} marked not runnable (see manifest.json)")
+
+
 def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights: Any = None,
-                 weights_mode: str = "parameters", verify: bool = True,
+                 weights_mode: str = "parameters", verify: bool = True, force: bool = False,
                  progress: bool = False) -> Path:
-    """Trace once, compile per target, verify, and write the bundle directory atomically."""
-    out = Path(out)
+    """Trace once, compile per target, verify, and swap the bundle directory in atomically.
+
+    Refuses (before tracing) an `out` that is neither absent, an empty folder nor an mhagen bundle,
+    unless `force=True`. Raises `VerifyError`, after writing the bundle, when a target's verify
+    failed; those targets are marked `"runnable": false`.
+
+        build_bundle(spec, parse_targets("cpu"), "out/encoder", weights=init_weights(spec))
+    """
     mode = WeightsMode.parse(weights_mode)
+    target_names = [t.name for t in targets]
+    if not target_names or len(set(target_names)) != len(target_names):
+        raise invalid("targets", "one or more distinct target names", ",".join(target_names), cls=TargetError)
     for target in targets:
         check_dtype(target, spec.call.dtype_policy.compute)
+    check_budget(spec, weights_mode=mode, verify=verify)  # trace steps and memory, before any work
     ws = normalize_weights(spec, weights)
     names = weight_names(spec)
-    started = time.perf_counter()
-    program = trace(spec, ws, weights_mode=mode)
-    trace_seconds = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
-    staging.chmod(0o755)  # mkdtemp's 0700 would ship a bundle only its builder can read
-    try:
-        (staging / "program.mlir").write_text(program.text)
-        weights_entry = None
-        if mode is WeightsMode.PARAMETERS:
-            _write_irpa(staging / "weights.irpa", names, ws)
-            (staging / "weights.irpa").chmod(0o644)
-            weights_entry = {"file": "weights.irpa", "scope": "model",
-                             "entries": [t.to_dict() for t in program.weights]}
-        from . import runtime as _runtime_pkg
-        shutil.copytree(Path(_runtime_pkg.__file__).parent, staging / "mhagen_runtime",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        target_entries = []
+    with _claimed(out, force=force, progress=progress) as (dest, staging):
+        started = time.perf_counter()
+        program = trace(spec, ws, weights_mode=mode)
+        trace_seconds = time.perf_counter() - started
+        _pause("traced")
+        compiled = []
         for i, target in enumerate(targets, 1):
             _say(progress, f"[{i}/{len(targets)}] {target.name}: compiling ({target.backend})...")
-            compiled = compile_program(program.text, target)
-            (staging / target.name).mkdir()
-            (staging / target.name / "module.vmfb").write_bytes(compiled.vmfb)
-            entry = _target_entry(target)
-            entry.update(compile_seconds=round(compiled.seconds, 3), cached=compiled.cached,
-                         size=len(compiled.vmfb))
-            target_entries.append(entry)
+            c = compile_program(program.text, target)
+            compiled.append(c)
             _say(progress, f"[{i}/{len(targets)}] {target.name}: "
-                 f"{'cached' if compiled.cached else f'compiled in {compiled.seconds:.1f} s'}, "
-                 f"{len(compiled.vmfb) / 1024:.0f} KiB")
+                 f"{'cached' if c.cached else f'compiled in {c.seconds:.1f} s'}, {len(c.vmfb) / 1024:.0f} KiB")
+        weights_entry = None
+        try:
+            (staging / "program.mlir").write_text(program.text)
+            if mode is WeightsMode.PARAMETERS:
+                _write_irpa(staging / "weights.irpa", names, ws)
+                weights_entry = {"file": "weights.irpa", "scope": "model",
+                                 "entries": [t.to_dict() for t in program.weights]}
+            _copy_runtime(staging)
+            for target, c in zip(targets, compiled):
+                (staging / target.name).mkdir()
+                (staging / target.name / "module.vmfb").write_bytes(c.vmfb)
+        except OSError as exc:
+            raise _os_error(dest, exc) from None
+        _pause("compiled")
+        target_entries = []
+        for target, c in zip(targets, compiled):
+            entry = _target_entry(target)
+            entry.update(compile_seconds=round(c.seconds, 3), cached=c.cached, size=len(c.vmfb), runnable=True)
+            target_entries.append(entry)
         manifest: dict[str, Any] = {
             "format": "mhagen-bundle", "version": MANIFEST_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -178,40 +557,43 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
             "jax_version": importlib.metadata.version("jax"), "mhagen_version": __version__,
             "trace_seconds": round(trace_seconds, 3),
         }
-        _write_manifest(staging, manifest)  # hashes, so the verify step loads what ships
-        if verify:
-            for target, entry in zip(targets, target_entries):
-                _say(progress, f"verify {target.name}...")
-                try:
-                    entry["verify"] = _verify(spec, staging, target, ws)
-                except MhagenError as exc:
-                    entry["verify"] = {"ran": True, "status": "error", "passed": False, "message": str(exc)}
-                _say(progress, f"verify {target.name}: {entry['verify']['status']}"
-                     + (f" (max abs err {entry['verify']['max_abs']:.2g})" if entry["verify"].get("max_abs")
-                        is not None else f" ({entry['verify'].get('reason', '')})"))
-        _writerender(staging, manifest)
+        _finish(dest, staging, manifest, spec, ws, verify=verify, progress=progress,
+                runs={t.name: (availability(t).runs, availability(t).run_reason) for t in targets})
+    error = _failed(dest, manifest)
+    if error:
+        raise error
+    return Path(out)
+
+
+def _finish(out: Path, staging: Path, manifest: dict[str, Any], spec: Spec, weights: list[np.ndarray], *,
+            verify: bool, progress: bool, runs: dict[str, tuple[bool, str]], run_py: bool = True) -> None:
+    """Hash, verify what was staged (loaded like a user would), render README (and run.py), hash again."""
+    try:
+        _write_manifest(staging, manifest)   # hashes, so the verify step loads what ships
+    except OSError as exc:
+        raise _os_error(out, exc) from None
+    if verify:
+        _verify_all(spec, staging, manifest, weights, runs, progress)
+    _pause("verified")
+    try:
+        _write_rendered(staging, manifest, run_py=run_py)
         _write_manifest(staging, manifest)
-        _swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    failed = [e["name"] for e in target_entries if e.get("verify", {}).get("passed") is False]
-    if failed:
-        raise BundleError(f"bundle written to {out}, but verify FAILED on {', '.join(failed)} "
-                          "(see manifest.json)")
-    return out
+    except OSError as exc:
+        raise _os_error(out, exc) from None
 
 
-def _writerender(staging: Path, manifest: dict[str, Any]) -> None:
+def _write_rendered(staging: Path, manifest: dict[str, Any], *, run_py: bool = True) -> None:
     context = {"m": manifest, "targets": manifest["targets"], "interface": manifest["interface"]}
-    (staging / "run.py").write_text(render("run.py.j2", **context))
+    if run_py:
+        (staging / "run.py").write_text(render("run.py.j2", **context))
     (staging / "README.md").write_text(render("bundle_README.md.j2", **context))
 
 
 def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
+    """Every file of the bundle, with its SHA-256 and size, then manifest.json itself."""
     files = {}
     for path in sorted(staging.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
+        if path.is_file() and path.name != "manifest.json" and "__pycache__" not in path.parts:
             rel = path.relative_to(staging).as_posix()
             files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     manifest["files"] = files
@@ -224,3 +606,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _runs_here(entry: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a manifest's target entry runs on this machine: (True, device) or (False, why)."""
+    from .runtime import check_machine
+
+    try:
+        check_machine(entry)
+    except BundleError as exc:
+        return False, str(exc)
+    return driver_status(str(entry.get("driver", "")))
