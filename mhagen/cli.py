@@ -113,7 +113,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     targets = _targets_arg(args)
     out = build_bundle(spec, targets, args.out, weights=weights,
                        weights_mode="inline" if args.weights == "inline" else "parameters",
-                       verify=not args.no_verify, progress=True)
+                       verify=not args.no_verify, force=args.force, progress=True)
     print(f"wrote {out}")
     return 0
 
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "spec, else seeded initial weights), or `inline` to bake those weights into the "
                    "modules as constants instead of a shared weights.irpa")
     p.add_argument("--no-verify", action="store_true", help="skip running the oracle check")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an mhagen bundle")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("verify", help="compile, run on seeded inputs, compare with the NumPy oracle")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that define `add_cli(subparsers)`; each adds its subcommand with `set_defaults(func=...)`.
-_CLI_MODULES: tuple[str, ...] = ("keras_io", "bench")
+_CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
