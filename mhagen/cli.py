@@ -1,7 +1,11 @@
-"""The `mhagen` command line: build, verify, targets (and more as stages grow).
+"""The `mhagen` command line: build, verify, run, targets (and more as stages grow).
 
-Every error mhagen raises on purpose prints as one line (`mhagen: error: ...`) with exit code 2;
-a verify mismatch exits 1.
+Exit codes:
+    0    success
+    1    a verify mismatch (a compiled target disagrees with the NumPy oracle)
+    2    bad input or environment: spec, weights, target, bundle, call, or an OS error such as a
+         read-only or full output folder; one line on stderr (`mhagen: error: ...`)
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CompileError, MhagenError
+from .errors import CompileError, MhagenError, TargetError, VerifyError
+from .runtime.cli import OneLineParser
 
 EXIT_MISMATCH = 1
 EXIT_ERROR = 2
@@ -36,7 +41,9 @@ def _weights_arg(spec_path: str, value: str | None) -> Any:
 def _targets_arg(args: argparse.Namespace) -> list[Any]:
     from .targets import parse_targets
 
-    value = args.targets or args.target or "cpu"
+    if args.target is not None and args.targets is not None:
+        raise TargetError(f"--target {args.target} and --targets {args.targets} were both given; use one")
+    value = args.targets if args.targets is not None else args.target if args.target is not None else "cpu"
     return parse_targets(value)
 
 
@@ -74,6 +81,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     spec = Spec.load(args.spec)
     weights = _weights_arg(args.spec, args.weights)
     targets = _targets_arg(args)
+    if args.json:
+        _check_writable(Path(args.json), "--json")
     console = Console(stderr=True)
 
     def progress(name: str, stage: str) -> None:
@@ -99,7 +108,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         payload = {"spec": spec.to_dict(), "dtype": spec.call.dtype,
                    "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
                    "results": [r.to_dict() for r in rows]}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        _write_text_atomic(Path(args.json), json.dumps(payload, indent=2))
     failed = [r for r in rows if (r.ran and not r.passed) or not r.compiled]
     return EXIT_MISMATCH if failed else 0
 
@@ -124,14 +133,62 @@ def _cmd_run(args: argparse.Namespace) -> int:
     argv = [args.bundle, "--target", args.target, "--output", args.output]
     for item in args.input:
         argv += ["--input", item]
+    if args.allow_failed:
+        argv.append("--allow-failed")
     return run_main(argv, prog="mhagen run")
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse, before any work, a report path that cannot be written."""
+    import os
+
+    if path.is_dir():
+        raise OSError(21, "Is a directory", str(path))
+    parent = path.parent
+    if not parent.is_dir():
+        raise OSError(20 if parent.exists() else 2,
+                      "Not a directory" if parent.exists() else "No such file or directory", str(parent))
+    if not os.access(parent, os.W_OK):
+        raise OSError(13, "Permission denied", str(parent))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write a report file through a temporary file renamed into place."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    from . import __version__
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"mhagen {__version__} (iree-base-compiler {version('iree-base-compiler')}, "
+            f"iree-base-runtime {version('iree-base-runtime')}, jax {version('jax')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mhagen", description="Compile Keras MultiHeadAttention ahead of time with IREE, per "
         "hardware target, and verify every build against a NumPy oracle.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show full diagnostics on errors")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def target_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="target in the bundle (default cpu)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input: query, value, key, attention_mask or dropout_key")
-    p.add_argument("--output", required=True, help="directory for output.npy (and scores.npy)")
+    p.add_argument("--output", required=True,
+                   help="FILE.npy for a single output, or a directory for output.npy (and scores.npy)")
+    p.add_argument("--allow-failed", action="store_true",
+                   help="run a target even though its verify failed when the bundle was built")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")
@@ -182,9 +242,15 @@ _CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:      # --help, --version, or a usage error already printed in one line
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
     try:
         return int(args.func(args) or 0)
+    except VerifyError as exc:
+        print(f"mhagen: verify failed: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_MISMATCH
     except CompileError as exc:
         print(f"mhagen: error: {exc.summary}", file=sys.stderr)
         if args.verbose:
@@ -198,6 +264,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mhagen: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mhagen: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print("mhagen: error: out of memory (the spec's sizes need more memory than this machine has; "
+              "try smaller shapes or --no-verify)", file=sys.stderr)
+        return EXIT_ERROR
+    except RecursionError:
+        print("mhagen: error: input nested too deeply", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only with -v
+        if args.verbose:
+            raise
+        print(f"mhagen: internal error: {type(exc).__name__}: {_one_line(str(exc))[:200]} "
+              "(a bug in mhagen: rerun with -v for the traceback and report it)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _one_line(text: str) -> str:

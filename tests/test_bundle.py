@@ -129,12 +129,12 @@ def test_refuses_module_for_another_cpu_and_another_runtime(bundle: Path, tmp_pa
 
 
 def test_run_errors_are_one_line(bundle: Path, tmp_path: Path, capsys) -> None:
-    np.save(tmp_path / "q.npy", np.zeros((3, 10, 32), np.float32))
+    np.save(tmp_path / "q.npy", np.zeros((3, 11, 32), np.float32))
     code = main(["run", str(bundle), "--input", f"query={tmp_path / 'q.npy'}",
                  "--input", f"value={tmp_path / 'q.npy'}", "--output", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mhagen run: error: `query` has shape (3, 10, 32), expected (2, 10, 32)"]
+    assert err == ["mhagen run: error: `query` has shape (3, 11, 32), expected (*, 10, 32) (* = any batch)"]
 
 
 def test_new_weights_need_no_recompile(tmp_path: Path) -> None:
