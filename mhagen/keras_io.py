@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,42 +45,104 @@ _INSTALL_HINT = "pip install mhagen[keras]"
 class KerasLayer:
     """One MultiHeadAttention found in a Keras source.
 
-    `config` is its `get_config()` dict, or None when the source holds weights only;
-    `weights` maps `query/kernel`, `query/bias`, ... to arrays, in `get_weights()` order.
+    `path` addresses it from the model's root through nested layers and models
+    (`enc2/self_attention_layer`); `name` is its last component. `config` is its `get_config()`
+    dict, or None when the source holds weights only; `weights` maps `query/kernel`,
+    `query/bias`, ... to arrays, in `get_weights()` order. `keras2` is True when the source was
+    written by tf.keras 2.x (`tf_keras`), whose masking differs (see KERAS_MHA.md).
     """
 
     name: str
     source: str
     config: dict[str, Any] | None
     weights: dict[str, np.ndarray]
+    path: str = ""
+    keras2: bool = False
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A MultiHeadAttention found by its address; `load` reads it (and raises its own problems)
+    only when it is the one asked for, so a broken neighbour cannot make the file unreadable."""
+
+    path: str
+    load: Callable[[], KerasLayer]
+    aliases: tuple[str, ...] = ()
+    positional: bool = False  # a file group path (`layers/multi_head_attention_1`), not layer names
 
 
 def weights_from_keras(obj: Any, *, layer: str | None = None) -> list[np.ndarray]:
     """Weights of a Keras MultiHeadAttention in `layer.get_weights()` order (what `build` takes).
 
-    `obj`: a built `keras.layers.MultiHeadAttention`, a Keras model or layer holding one, or the
-    path of a `.keras`, `.weights.h5` or legacy tf.keras `.h5` file. `layer` names the attention
-    layer when there are several (the error lists them when it is missing).
+    `obj`: a built `keras.layers.MultiHeadAttention` (Keras 3 or tf_keras), a model or layer
+    holding one, the path of a `.keras`, `.weights.h5` or tf.keras `.h5` file, or a TF SavedModel
+    directory. `layer` is the attention layer's path through nested layers and models
+    (`enc2/self_attention_layer`), or any unambiguous tail of it (`self_attention_layer` when
+    only one layer has that name); the error lists every candidate path otherwise.
 
-        weights = weights_from_keras("model.keras", layer="mha")
+        weights = weights_from_keras("model.keras", layer="enc2/self_attention_layer")
         # [query/kernel (Dq, N, H), query/bias (N, H), key/kernel, key/bias, value/kernel, ...]
     """
     return list(read_keras(obj, layer=layer).weights.values())
 
 
 def read_keras(obj: Any, *, layer: str | None = None) -> KerasLayer:
-    """Find one MultiHeadAttention in `obj` (see `weights_from_keras`): name, config, weights."""
+    """Find one MultiHeadAttention in `obj` (see `weights_from_keras`): path, config, weights."""
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
+        if path.is_dir():
+            return _from_saved_model(path, layer)
         if not path.is_file():
             raise WeightsError(f"Keras file not found: {path}")
         if path.name.endswith(".keras"):
             return _from_keras_archive(path, layer)
         if path.suffix in (".h5", ".hdf5"):
-            return _pick(_h5_layers(path), layer, str(path))
+            return _pick(_h5_candidates(path), layer, str(path))
         raise WeightsError(f"Received an invalid value for argument `obj`, expected a .keras, "
-                           f".weights.h5 or tf.keras .h5 file. Received: obj={str(path)!r}")
+                           f".weights.h5 or tf.keras .h5 file, or a SavedModel directory. "
+                           f"Received: obj={str(path)!r}")
     return _from_live(obj, layer)
+
+
+def _pick(found: Sequence[_Candidate], name: str | None, source: str) -> KerasLayer:
+    """The one candidate `name` addresses: its full path, or a tail of it that no other path has.
+    Never a guess: an ambiguous or unknown name lists every candidate path."""
+    if not found:
+        raise WeightsError(f"No MultiHeadAttention found in {source}")
+    paths = [f.path for f in found]
+    if name is None:
+        if len(found) > 1:
+            raise WeightsError(f"{source} holds {len(found)} MultiHeadAttention layers {paths}: "
+                               "name one by its path with `layer=` (--layer)")
+        return found[0].load()
+    name = name.strip("/")
+    exact = [f for f in found if name == f.path or name in f.aliases]
+    # A positional group path is matched whole only: its tail `multi_head_attention` names a
+    # position in model.layers, which is not the layer of that name.
+    tails = [f for f in found if not f.positional
+             and any(p.endswith("/" + name) for p in (f.path, *f.aliases))]
+    matches = exact or tails
+    if len(matches) > 1:
+        raise WeightsError(f"`{name}` names {len(matches)} MultiHeadAttention layers in {source}: "
+                           f"{[f.path for f in matches]}; pass the full path (--layer "
+                           f"{matches[0].path})")
+    if not matches:
+        note = ""
+        if any(f.positional for f in found):
+            note = (" (this file names its weight groups by class and position in model.layers, not "
+                    "by layer name: import the .keras or .h5 model file, or pass a group path)")
+        raise invalid("layer", f"the path of a MultiHeadAttention in {source}: one of {paths}{note}",
+                      name, cls=WeightsError)
+    return matches[0].load()
+
+
+def _is_mha(layer: Any) -> bool:
+    """Keras 3, tf_keras and keras_hub's CachedMultiHeadAttention alike."""
+    return any(c.__name__ == "MultiHeadAttention" for c in type(layer).__mro__)
+
+
+def _is_keras2(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] in ("tf_keras", "tensorflow")
 
 
 # ---- live Keras objects ---------------------------------------------------------------------------
@@ -96,26 +158,66 @@ def _keras() -> Any:
 
 
 def _from_live(obj: Any, name: str | None) -> KerasLayer:
-    keras = _keras()
-    if not isinstance(obj, keras.layers.Layer):
+    if not _is_keras2(obj):
+        keras = _keras()
+        ok = isinstance(obj, keras.layers.Layer)
+    else:
+        ok = hasattr(obj, "_flatten_layers")
+    if not ok:
         raise WeightsError(f"Received an invalid value for argument `obj`, expected a Keras layer or "
                            f"model, or the path of a Keras file. Received: obj of type "
                            f"{type(obj).__name__}")
-    found = [_live_layer(mha, f"<{type(obj).__name__} {obj.name}>") for mha in _mha_layers(keras, obj)]
-    return _pick(found, name, f"{type(obj).__name__} `{obj.name}`")
+    return _pick(_live_candidates(obj, f"<{type(obj).__name__} {obj.name}>"), name,
+                 f"{type(obj).__name__} `{obj.name}`")
 
 
-def _mha_layers(keras: Any, root: Any) -> list[Any]:
-    layers = root._flatten_layers(include_self=True, recursive=True)
-    return [x for x in layers if isinstance(x, keras.layers.MultiHeadAttention)]
+def _live_candidates(root: Any, source: str) -> list[_Candidate]:
+    """Every MultiHeadAttention under `root`, addressed by the names from the root down (the
+    root's own name left out, unless it is the attention layer itself). A layer reached by
+    several paths (shared) is one candidate with aliases."""
+    found: dict[int, _Candidate] = {}
+
+    def visit(layer: Any, prefix: str) -> None:
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            path = f"{prefix}{child.name}"
+            if _is_mha(child):
+                if id(child) in found:
+                    old = found[id(child)]
+                    found[id(child)] = _Candidate(old.path, old.load, (*old.aliases, path))
+                else:
+                    found[id(child)] = _Candidate(path, lambda c=child, p=path: _live_layer(c, source, p))
+            else:
+                visit(child, f"{path}/")
+
+    if _is_mha(root):
+        return [_Candidate(root.name, lambda: _live_layer(root, source, root.name))]
+    visit(root, "")
+    return list(found.values())
 
 
-def _live_layer(mha: Any, source: str) -> KerasLayer:
+def _live_layer(mha: Any, source: str, path: str) -> KerasLayer:
     if not mha.built:
-        raise WeightsError(f"MultiHeadAttention `{mha.name}` is not built, so it has no weights yet: "
+        raise WeightsError(f"MultiHeadAttention `{path}` is not built, so it has no weights yet: "
                            "call it once on inputs (or call `build`) first")
-    arrays = {_weight_key(v.path): np.asarray(a) for v, a in zip(mha.weights, mha.get_weights())}
-    return KerasLayer(mha.name, source, mha.get_config(), _ordered(arrays, mha.name))
+    arrays = {_weight_key(getattr(v, "path", None) or v.name): np.asarray(a)
+              for v, a in zip(mha.weights, mha.get_weights())}
+    return KerasLayer(mha.name, source, _clean_config(mha.get_config()), _ordered(arrays, path),
+                      path, _is_keras2(mha))
+
+
+def _clean_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """TOML has no null: tf_keras configs hold `query_shape = [None, 6, 16]`. None inside lists
+    is dropped (the call shapes come from the spec, never from these build-time keys)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if hasattr(value, "as_list") and not isinstance(value, (str, bytes)):
+            value = value.as_list() if getattr(value, "rank", 0) is not None else []  # TensorShape
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value if v is not None]
+        return value
+
+    return None if config is None else clean(dict(config))
 
 
 def _weight_key(path: str) -> str:
@@ -146,66 +248,141 @@ def _float_array(array: Any) -> np.ndarray:
     return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
-def _pick(found: Sequence[KerasLayer], name: str | None, source: str) -> KerasLayer:
-    if not found:
-        raise WeightsError(f"No MultiHeadAttention found in {source}")
-    names = [f.name for f in found]
-    if name is None:
-        if len(found) > 1:
-            raise WeightsError(f"{source} holds {len(found)} MultiHeadAttention layers {names}: "
-                               "name one with `layer=` (--layer)")
-        return found[0]
-    matches = [f for f in found if f.name == name]
-    if not matches:
-        raise invalid("layer", f"the name of a MultiHeadAttention in {source}: one of {names}", name,
-                      cls=WeightsError)
-    return matches[0]
+def _check_config(layer: KerasLayer) -> KerasLayer:
+    """A config paired with weights read from a file must fit them: the pairing is refused, not
+    trusted, when the file's structure and the config disagree."""
+    config, w = layer.config, layer.weights
+    if config is None:
+        return layer
+    n, h = config.get("num_heads"), config.get("key_dim")
+    hv = config.get("value_dim") or h
+    got = {"query/kernel": w["query/kernel"].shape[1:], "value/kernel": w["value/kernel"].shape[1:]}
+    want = {"query/kernel": (n, h), "value/kernel": (n, hv)}
+    bias = bool(config.get("use_bias", True))
+    gate = bool(config.get("use_gate", False))
+    if got != want or bias != ("query/bias" in w) or gate != ("gate/kernel" in w):
+        raise WeightsError(
+            f"The config and the weights found for `{layer.path}` in {layer.source} disagree "
+            f"(config: num_heads={n}, key_dim={h}, value_dim={hv}, use_bias={bias}, use_gate={gate}; "
+            f"weights: {', '.join(f'{k} {tuple(a.shape)}' for k, a in w.items())}): they cannot be "
+            "matched with certainty")
+    return layer
+
+
+# ---- SavedModel directories (tf.keras 2.x) --------------------------------------------------------
+def _from_saved_model(path: Path, name: str | None) -> KerasLayer:
+    if not (path / "saved_model.pb").is_file():
+        raise WeightsError(f"{path} is a directory but not a TF SavedModel (no saved_model.pb); "
+                           "expected a .keras, .weights.h5 or .h5 file, or a SavedModel directory")
+    try:
+        import tf_keras
+    except ImportError as exc:
+        raise WeightsError(f"{path} is a TF SavedModel directory: reading it needs TensorFlow and "
+                           f"tf_keras (pip install tensorflow tf-keras), or re-save the model as .keras "
+                           f"or .h5 ({exc})") from None
+    try:
+        model = tf_keras.models.load_model(str(path), compile=False)
+    except Exception as exc:  # noqa: BLE001 - TF's loaders raise many types
+        raise WeightsError(f"tf_keras could not load the SavedModel {path}: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return _pick(_live_candidates(model, str(path)), name, str(path))
 
 
 # ---- .keras archives ------------------------------------------------------------------------------
 def _from_keras_archive(path: Path, name: str | None) -> KerasLayer:
-    keras = _keras()
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - e.g. an unregistered custom layer: read the files
-        return _from_archive_files(path, name, reason=f"{type(exc).__name__}: {exc}")
-    found = [_live_layer(mha, str(path)) for mha in _mha_layers(keras, model)]
-    return _pick(found, name, str(path))
-
-
-def _from_archive_files(path: Path, name: str | None, *, reason: str) -> KerasLayer:
-    """Read `config.json` and `model.weights.h5` of a `.keras` zip without rebuilding the model."""
+    """Keras 3 archives are loaded through Keras (keras_hub imported first when the model uses
+    it); tf_keras archives, and those Keras cannot rebuild, are read file by file."""
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
+            metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in archive.namelist() else {}
             weights = archive.read("model.weights.h5")
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        raise WeightsError(f"Keras could not load {path} ({reason}), and it is not a readable "
-                           f".keras archive: {exc}") from None
+        raise WeightsError(f"{path} is not a readable .keras archive: {exc}") from None
+    version = str(metadata.get("keras_version", "3"))
+    if version.startswith("2."):  # tf_keras: Keras 3 would misread or refuse it
+        return _from_archive_files(path, name, config, weights, keras2=True)
+    keras = _keras()
+    if "keras_hub" in json.dumps(config):
+        try:
+            import keras_hub  # noqa: F401 - registers its layers for deserialization
+        except ImportError:
+            pass
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception:  # noqa: BLE001 - e.g. an unregistered custom layer: read the files
+        return _from_archive_files(path, name, config, weights, keras2=False)
+    return _pick(_live_candidates(model, str(path)), name, str(path))
+
+
+def _from_archive_files(path: Path, name: str | None, config: Any, weights: bytes, *,
+                        keras2: bool) -> KerasLayer:
+    """Read `config.json` and `model.weights.h5` of a `.keras` zip without rebuilding the model."""
     import io
 
-    configs = {c["name"]: c for c in _mha_configs(config) if isinstance(c.get("name"), str)}
-    layers = _h5_layers(io.BytesIO(weights), source=str(path))
-    found = [KerasLayer(x.name, x.source, configs.get(x.name), x.weights) for x in layers]
+    found = _h5_candidates(io.BytesIO(weights), source=str(path), model_config=config, keras2=keras2)
     return _pick(found, name, str(path))
 
 
-def _mha_configs(node: Any) -> Iterator[dict[str, Any]]:
-    """Every MultiHeadAttention `config` dict in a serialized Keras model, however deeply nested."""
-    if isinstance(node, Mapping):
-        if node.get("class_name") == "MultiHeadAttention" and isinstance(node.get("config"), Mapping):
-            yield dict(node["config"])
-        for value in node.values():
-            yield from _mha_configs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _mha_configs(value)
+def _config_layers(config: Any) -> list[dict[str, Any]]:
+    """The serialized layers of a model config, in `model.layers` order (a Sequential's config
+    lists an InputLayer that `model.layers` does not hold)."""
+    if not isinstance(config, Mapping):
+        return []
+    inner = config.get("config")
+    layers = inner.get("layers") if isinstance(inner, Mapping) else None
+    if not isinstance(layers, list):
+        return []
+    layers = [x for x in layers if isinstance(x, Mapping)]
+    if config.get("class_name") == "Sequential":
+        layers = [x for x in layers if x.get("class_name") != "InputLayer"]
+    return layers
 
 
-# ---- HDF5 files: Keras 3 .weights.h5 and legacy tf.keras 2.x -------------------------------------
-_LEGACY_NAME = re.compile(r"^(?P<prefix>.+)/(?P<dense>" + "|".join(_DENSES) + r")/(?P<part>kernel|bias):\d+$")
+def _layer_name(serialized: Mapping[str, Any]) -> str:
+    inner = serialized.get("config")
+    name = inner.get("name") if isinstance(inner, Mapping) else None
+    return str(name if name is not None else serialized.get("name", "?"))
 
 
+def _mha_configs(config: Any, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every MultiHeadAttention config in a serialized model, by its path from the root."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in _config_layers(config):
+        path = f"{prefix}{_layer_name(layer)}"
+        if "MultiHeadAttention" in str(layer.get("class_name")) and isinstance(layer.get("config"), Mapping):
+            out[path] = dict(layer["config"])
+        else:
+            out.update(_mha_configs(layer, f"{path}/"))
+    return out
+
+
+def _snake(name: str) -> str:
+    """Keras' `to_snake_case` (how saving_lib names a layer's group after its class)."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    name = re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+    return name if not name.startswith("_") else "private" + name
+
+
+def _positional_names(config: Any) -> dict[str, str]:
+    """saving_lib's group names for `model.layers` (class name in snake case, `_1`, `_2`, ... for
+    repeats) mapped to the layers' own names: how a `.weights.h5` without stored names (tf_keras)
+    is matched to the model."""
+    used: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for layer in _config_layers(config):
+        base = _snake(str(layer.get("class_name", "")).split(">")[-1])
+        if base in used:
+            used[base] += 1
+            group = f"{base}_{used[base]}"
+        else:
+            used[base] = 0
+            group = base
+        out[group] = _layer_name(layer)
+    return out
+
+
+# ---- HDF5 files: Keras 3 / tf_keras .weights.h5 and legacy tf.keras 2.x .h5 ----------------------
 def _h5py() -> Any:
     try:
         import h5py
@@ -214,24 +391,43 @@ def _h5py() -> Any:
     return h5py
 
 
-def _h5_layers(file: Any, *, source: str | None = None) -> list[KerasLayer]:
-    """Every MultiHeadAttention in an HDF5 weights file, in either layout."""
+def _h5_candidates(file: Any, *, source: str | None = None, model_config: Any = None,
+                   keras2: bool | None = None) -> list[_Candidate]:
+    """Every MultiHeadAttention in an HDF5 weights file, in either layout. The arrays are read
+    while the file is open; pairing and checks happen when a candidate is picked."""
     h5py = _h5py()
     source = source or str(file)
     try:
         with h5py.File(file, "r") as f:
-            return _keras3_layers(h5py, f, source) + _legacy_layers(h5py, f, source)
+            if "layers" in f or "vars" in f:  # saving_lib layout (Keras 3, tf_keras >= 2.13)
+                return _saving_lib_candidates(h5py, f, source, model_config, keras2)
+            return _legacy_candidates(h5py, f, source)
     except OSError as exc:
         raise WeightsError(f"{source} is not a readable HDF5 weights file: {exc}") from None
 
 
-def _keras3_layers(h5py: Any, f: Any, source: str) -> list[KerasLayer]:
-    """Keras 3 layout: `layers/<object>/{query_dense,key_dense,...}/vars/{0,1}`; the layer's own
-    `vars` group carries its name (Keras >= 3.10), else the object path names it."""
+def _h5_str(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value) if value else None
+
+
+def _saving_lib_candidates(h5py: Any, f: Any, source: str, model_config: Any,
+                           keras2: bool | None) -> list[_Candidate]:
+    """`layers/<group>/{query_dense,key_dense,...}/vars/{0,1}`. Each group's `vars` carries the
+    layer's name (Keras >= 3.10) and then the path is made of those names. Without them
+    (tf_keras), groups are named by class and position in `model.layers`: mapped to layer names
+    through the model config when there is one, else addressed by the group path itself
+    (`layers/multi_head_attention_1`), which is never mistaken for a layer name."""
     required = {"query", "key", "value", "attention_output"}
     groups: list[Any] = []
     f.visititems(lambda _, obj: groups.append(obj) if isinstance(obj, h5py.Group)
                  and required <= {_dense_name(c) for c in obj} else None)
+    configs = _mha_configs(model_config) if model_config is not None else {}
+    positions = _positional_names(model_config) if model_config is not None else {}
+    named = [g for g in groups if "vars" in g and _h5_str(g["vars"].attrs.get("name"))]
+    if keras2 is None:
+        keras2 = not named and groups != []  # only tf_keras writes no names
     out = []
     for group in groups:
         arrays: dict[str, np.ndarray] = {}
@@ -243,11 +439,24 @@ def _keras3_layers(h5py: Any, f: Any, source: str) -> list[KerasLayer]:
             for index, part in (("0", "kernel"), ("1", "bias")):
                 if index in variables:
                     arrays[f"{dense}/{part}"] = _h5_array(variables[index])
-        own = group["vars"].attrs.get("name") if "vars" in group else None
-        if isinstance(own, bytes):
-            own = own.decode()
-        name = str(own) if own else group.name.rsplit("/", 1)[-1]
-        out.append(KerasLayer(name, source, None, _ordered(arrays, name)))
+        parts = group.name.strip("/").split("/")
+        names: list[str | None] = []  # the layers' own names; `layers` groups are model.layers lists
+        node = f
+        for part in parts:
+            node = node[part]
+            if part != "layers":
+                names.append(_h5_str(node["vars"].attrs.get("name")) if "vars" in node else None)
+        positional = False
+        if parts and parts[0] == "layers" and names and all(n is not None for n in names):
+            path = "/".join(n for n in names if n)
+        elif parts and parts[0] == "layers" and len(parts) == 2 and parts[1] in positions:
+            path = positions[parts[1]]
+        else:
+            path, positional = "/".join(parts), True  # the file's own group path: no name to trust
+        config = configs.get(path)
+        out.append(_Candidate(path, lambda a=arrays, p=path, c=config: _check_config(KerasLayer(
+            p.rsplit("/", 1)[-1], source, _clean_config(c), _ordered(a, p), p, bool(keras2))),
+            positional=positional))
     return out
 
 
@@ -261,23 +470,49 @@ def _dense_name(child: str) -> str | None:
     return base if base in _DENSES else None
 
 
-def _legacy_layers(h5py: Any, f: Any, source: str) -> list[KerasLayer]:
-    """tf.keras 2.x layout: datasets named `.../<layer>/query/kernel:0` (under `model_weights/`
-    for a whole-model file); the component before `query` names the layer."""
-    by_prefix: dict[str, dict[str, np.ndarray]] = {}
+_LEGACY_NAME = re.compile(r"^(?:(?P<prefix>.+)/)?(?P<dense>" + "|".join(_DENSES)
+                          + r")/(?P<part>kernel|bias)(?::\d+)?$")
 
-    def visit(path: str, obj: Any) -> None:
-        match = _LEGACY_NAME.match(path)
-        if match and isinstance(obj, h5py.Dataset):
-            key = f"{match['dense']}/{match['part']}"
-            by_prefix.setdefault(match["prefix"], {})[key] = _h5_array(obj)
 
-    f.visititems(visit)
+def _legacy_candidates(h5py: Any, f: Any, source: str) -> list[_Candidate]:
+    """tf.keras 2.x HDF5 (`save_weights("w.h5")` or a whole-model `.h5`, weights under
+    `model_weights/`): one group per entry of `layer_names`, each listing its datasets in
+    `weight_names` (`mha/query/kernel:0`). A layer holds an attention layer where its weight
+    names end in `<prefix>/query/kernel` etc. for all four projections; a Dense layer that is
+    merely named `query` elsewhere is not one."""
+    root = f["model_weights"] if "model_weights" in f else f
+    config_json = _h5_str(f.attrs.get("model_config"))
+    configs = _mha_configs(json.loads(config_json)) if config_json else {}
+    layer_names = [_h5_str(n) for n in root.attrs.get("layer_names", [])]
     out = []
-    for prefix, arrays in by_prefix.items():
-        name = prefix.rsplit("/", 1)[-1]
-        out.append(KerasLayer(name, source, None, _ordered(arrays, name)))
+    for layer in layer_names:
+        if not layer or layer not in root:
+            continue
+        group = root[layer]
+        by_prefix: dict[str, dict[str, Any]] = {}
+        for weight in (_h5_str(n) for n in group.attrs.get("weight_names", [])):
+            match = _LEGACY_NAME.match(weight or "")
+            if match and weight in group and isinstance(group[weight], h5py.Dataset):
+                arrays = by_prefix.setdefault(match["prefix"] or "", {})
+                key = f"{match['dense']}/{match['part']}"
+                arrays[key] = None if key in arrays else _h5_array(group[weight])  # None: twice
+        for prefix, arrays in by_prefix.items():
+            if not {f"{d}/kernel" for d in _DENSES if d != "gate"} <= set(arrays):
+                continue
+            inner = prefix.split("/")[-1] if prefix else ""
+            path = layer if inner in ("", layer) else f"{layer}/{inner}"
+            out.append(_Candidate(path, lambda a=arrays, p=path: _legacy_layer(a, p, source, configs.get(p))))
     return out
+
+
+def _legacy_layer(arrays: Mapping[str, Any], path: str, source: str,
+                  config: dict[str, Any] | None) -> KerasLayer:
+    twice = sorted(k for k, v in arrays.items() if v is None)
+    if twice:
+        raise WeightsError(f"{source} holds {twice} more than once for `{path}`: the weights cannot "
+                           "be matched to one layer with certainty")
+    return _check_config(KerasLayer(path.rsplit("/", 1)[-1], source, _clean_config(config),
+                                    _ordered(arrays, path), path, True))
 
 
 def _h5_array(dataset: Any) -> np.ndarray:
@@ -340,10 +575,10 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
         raise WeightsError(f"{other} exists and `mhagen build {out}` would load it before "
                            f"{weights_path.name}: remove it, or write --format npz")
     found = read_keras(args.file, layer=args.layer)
-    config = _config_arg(args.config) or found.config
+    config = _clean_config(_config_arg(args.config)) or found.config
     if config is None:
-        raise SpecError(f"{args.file} holds weights only, no layer config: pass --config CONFIG.json "
-                        f"(the layer's get_config() as JSON), or import the .keras file")
+        raise SpecError(f"{args.file} holds weights only, no config for `{found.path}`: pass --config "
+                        f"CONFIG.json (the layer's get_config() as JSON), or import the .keras file")
     spec = Spec.from_keras_config(
         config,
         query_shape=_shape_arg("--query-shape", args.query_shape) or (),
@@ -358,7 +593,7 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(spec.to_toml(), encoding="utf-8")
     save_weights_file(weights_path, found.weights)
-    print(f"layer `{found.name}` from {found.source}: {len(found.weights)} weights, "
+    print(f"layer `{found.path}` from {found.source}: {len(found.weights)} weights, "
           f"dtype {spec.call.dtype}")
     print(f"wrote {out}")
     print(f"wrote {weights_path}")
@@ -375,8 +610,10 @@ def add_cli(subparsers: Any) -> None:
         "import-keras", help="write a spec and its weights file from a Keras MultiHeadAttention",
         description="Read a MultiHeadAttention from a .keras, .weights.h5 or tf.keras .h5 file and "
         "write SPEC.toml plus SPEC.npz (or .safetensors), which `mhagen build/verify SPEC` pick up.")
-    p.add_argument("file", help=".keras model, or a .weights.h5 / tf.keras .h5 weights file")
-    p.add_argument("--layer", help="name of the MultiHeadAttention layer (needed when there are several)")
+    p.add_argument("file", help=".keras model, a .weights.h5 / tf.keras .h5 file, or a SavedModel directory")
+    p.add_argument("--layer", metavar="PATH",
+                   help="path of the MultiHeadAttention through nested layers and models, e.g. "
+                   "enc2/self_attention_layer, or an unambiguous tail of it (needed when there are several)")
     p.add_argument("--query-shape", required=True, help="full query shape, e.g. 2,8,16")
     p.add_argument("--value-shape", required=True, help="full value shape, e.g. 2,4,16")
     p.add_argument("--key-shape", help="full key shape when the key differs from the value")

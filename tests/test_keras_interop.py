@@ -1,0 +1,266 @@
+"""Keras interop against files written by the real libraries (issue 14): tf_keras 2.x (`.keras`,
+`.weights.h5`, whole-model `.h5`, `save_weights` `.h5`, SavedModel directories) and Keras 3 /
+keras_hub (nested layers and models). Every case either imports the layer the user named, with
+that layer's own weights, and reproduces it within 1e-5 in float32 on cpu, or is refused in one
+line; none reads another layer's weights.
+
+tf_keras and keras_hub are heavy (TensorFlow): each test skips, saying why, where they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mhagen
+from mhagen.cli import main
+from mhagen.keras_io import read_keras
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ATOL = 1e-5  # float32 on cpu; the issue measured <= 7.2e-7 across these layers
+
+
+@pytest.fixture(scope="module")
+def keras() -> Any:
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"these tests run Keras on JAX; KERAS_BACKEND is {keras.backend.backend()}")
+    return keras
+
+
+@pytest.fixture(scope="module")
+def tf_keras() -> Any:
+    return pytest.importorskip("tf_keras", reason="tf_keras (tf.keras 2.x) is not installed")
+
+
+def _seed_all(layers: list[Any], seed: int) -> None:
+    """Distinct random weights per layer, so reading a neighbour's weights cannot pass."""
+    rng = np.random.default_rng(seed)
+    for layer in layers:
+        layer.set_weights([(0.3 * rng.standard_normal(w.shape)).astype(np.float32)
+                           for w in layer.get_weights()])
+
+
+def _same_weights(found: mhagen.keras_io.KerasLayer, layer: Any) -> None:
+    want = layer.get_weights()
+    got = list(found.weights.values())
+    assert [a.shape for a in got] == [a.shape for a in want]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _reproduces(found: mhagen.keras_io.KerasLayer, call: Any, query_shape: tuple[int, ...],
+                value_shape: tuple[int, ...], config: dict[str, Any] | None = None) -> float:
+    """Build the imported layer on cpu and compare it with the source layer's own output."""
+    spec = mhagen.Spec.from_keras_config(config or found.config, query_shape=query_shape,
+                                         value_shape=value_shape)
+    rng = np.random.default_rng(7)
+    query = rng.standard_normal(query_shape).astype(np.float32)
+    value = rng.standard_normal(value_shape).astype(np.float32)
+    compiled = mhagen.build(spec, target="cpu", weights=list(found.weights.values()))
+    got = np.asarray(compiled(query, value))
+    want = np.asarray(call(query, value))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    return float(np.max(np.abs(got - want)))
+
+
+# ---- tf_keras 2.x: two auto-named layers, used in the other order, and a Dense named `query` ------
+@pytest.fixture(scope="module")
+def tf_model(tf_keras: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """`multi_head_attention` is created first but called second, so model.layers (and every
+    position-named weight group) holds `multi_head_attention_1` first."""
+    k = tf_keras
+    q, v = k.Input((6, 16)), k.Input((4, 16))
+    late = k.layers.MultiHeadAttention(2, 4)       # multi_head_attention
+    early = k.layers.MultiHeadAttention(2, 8)      # multi_head_attention_1
+    x = early(q, v)
+    y = late(x, x)
+    model = k.Model([q, v], k.layers.Dense(16, name="query")(y))
+    assert [x.name for x in model.layers][2:4] == ["multi_head_attention_1", "multi_head_attention"]
+    _seed_all([early, late], 3)
+    d = tmp_path_factory.mktemp("tf_keras")
+    model.save(d / "m.keras")
+    model.save_weights(d / "m.weights.h5")
+    model.save(d / "m.h5")
+    model.save_weights(d / "w.h5")
+    model.save(d / "saved", save_format="tf")
+    return model, d
+
+
+TF_FILES = ["m.keras", "m.h5", "w.h5", "saved"]
+TF_SHAPES = {"multi_head_attention_1": ((2, 6, 16), (2, 4, 16)),
+             "multi_head_attention": ((2, 6, 16), (2, 6, 16))}
+
+
+@pytest.mark.parametrize("file", TF_FILES)
+@pytest.mark.parametrize("name", list(TF_SHAPES))
+def test_tf_keras_files_give_the_named_layer(tf_model: tuple[Any, Path], file: str, name: str) -> None:
+    model, d = tf_model
+    layer = model.get_layer(name)
+    found = read_keras(d / file, layer=name)
+    assert found.path == name and found.keras2
+    _same_weights(found, layer)
+    if file == "w.h5":  # save_weights: no config in the file
+        assert found.config is None
+        return
+    assert found.config is not None and found.config["key_dim"] == layer.get_config()["key_dim"]
+    err = _reproduces(found, lambda q, v: layer(q, v).numpy(), *TF_SHAPES[name])
+    assert err < ATOL
+
+
+def test_tf_keras_weights_h5_refuses_layer_names(tf_model: tuple[Any, Path]) -> None:
+    """A tf_keras .weights.h5 names groups by class and position: `multi_head_attention` there
+    is model.layers' first attention layer, i.e. the layer named `multi_head_attention_1`."""
+    model, d = tf_model
+    for name in TF_SHAPES:
+        with pytest.raises(mhagen.WeightsError, match="by class and position in model.layers") as info:
+            read_keras(d / "m.weights.h5", layer=name)
+        assert "'layers/multi_head_attention', 'layers/multi_head_attention_1'" in str(info.value)
+    # The group path itself is an address: it reads the layer at that position.
+    found = read_keras(d / "m.weights.h5", layer="layers/multi_head_attention")
+    _same_weights(found, model.get_layer("multi_head_attention_1"))
+    with pytest.raises(mhagen.WeightsError, match="holds 2 MultiHeadAttention layers"):
+        read_keras(d / "m.weights.h5")
+
+
+def test_tf_keras_saved_model_without_tensorflow_is_refused(
+        tf_model: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, d = tf_model
+    monkeypatch.setitem(sys.modules, "tf_keras", None)
+    with pytest.raises(mhagen.WeightsError, match=r"SavedModel directory: reading it needs TensorFlow "
+                                                  r"and tf_keras \(pip install tensorflow tf-keras\)"):
+        read_keras(d / "saved", layer="multi_head_attention")
+
+
+def test_directory_that_is_not_a_saved_model(tmp_path: Path) -> None:
+    with pytest.raises(mhagen.WeightsError, match="not a TF SavedModel"):
+        read_keras(tmp_path)
+
+
+def test_tf_keras_live_model(tf_model: tuple[Any, Path]) -> None:
+    model, _ = tf_model
+    found = mhagen.keras_io.read_keras(model, layer="multi_head_attention")
+    _same_weights(found, model.get_layer("multi_head_attention"))
+    assert found.keras2 and found.config["query_shape"] == [6, 16]  # None dropped (TOML has no null)
+
+
+@pytest.mark.parametrize("file", ["m.h5", "m.keras", "saved"])
+def test_import_keras_cli_reads_the_config_from_the_file(
+        tf_model: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str) -> None:
+    """Points 3 and 4: tf_keras configs (None inside query_shape) and model_config in a whole .h5."""
+    model, d = tf_model
+    out = tmp_path / "s.toml"
+    assert main(["import-keras", str(d / file), "--layer", "multi_head_attention_1", "--query-shape",
+                 "2,6,16", "--value-shape", "2,4,16", "--out", str(out)]) == 0
+    assert "layer `multi_head_attention_1`" in capsys.readouterr().out
+    spec = mhagen.Spec.load(out)
+    assert spec.layer.key_dim == 8
+    assert mhagen.Spec.from_toml(spec.to_toml()) == spec
+
+
+# ---- Keras 3: nested models and layers addressed by path ------------------------------------------
+def _nested_keras3(keras: Any) -> tuple[Any, list[Any]]:
+    """Two sub-models `enc1` and `enc2`, each holding an attention layer named `attn`."""
+    def block(name: str, key_dim: int) -> Any:
+        x = keras.Input((6, 16))
+        attn = keras.layers.MultiHeadAttention(2, key_dim, name="attn")
+        return keras.Model(x, attn(x, x), name=name), attn
+
+    enc1, a1 = block("enc1", 4)
+    enc2, a2 = block("enc2", 4)
+    x = keras.Input((6, 16))
+    model = keras.Model(x, enc2(enc1(x)))
+    _seed_all([a1, a2], 11)
+    return model, [a1, a2]
+
+
+@pytest.mark.parametrize("file", ["live", "m.keras", "m.weights.h5"])
+def test_keras3_nested_models_by_path(keras: Any, tmp_path: Path, file: str) -> None:
+    model, (a1, a2) = _nested_keras3(keras)
+    source: Any = model
+    if file != "live":
+        source = tmp_path / file
+        model.save(source) if file.endswith(".keras") else model.save_weights(source)
+    with pytest.raises(mhagen.WeightsError, match=r"`attn` names 2 MultiHeadAttention layers in .*"
+                                                  r"\['enc1/attn', 'enc2/attn'\]"):
+        read_keras(source, layer="attn")
+    with pytest.raises(mhagen.WeightsError, match=r"one of \['enc1/attn', 'enc2/attn'\]"):
+        read_keras(source, layer="enc3/attn")
+    for path, layer in (("enc1/attn", a1), ("enc2/attn", a2)):
+        found = read_keras(source, layer=path)
+        assert found.path == path and not found.keras2
+        _same_weights(found, layer)
+    found = read_keras(source, layer="enc2/attn")
+    config = found.config or a2.get_config()  # a .weights.h5 carries no config
+    assert _reproduces(found, lambda q, v: a2(q, v), (2, 6, 16), (2, 6, 16), config) < ATOL
+
+
+@pytest.fixture(scope="module")
+def keras_hub(keras: Any) -> Any:
+    return pytest.importorskip("keras_hub", reason="keras_hub is not installed")
+
+
+@pytest.mark.parametrize("file", ["live", "m.keras", "m.weights.h5"])
+def test_keras_hub_encoders_by_path(keras: Any, keras_hub: Any, tmp_path: Path, file: str) -> None:
+    """Point 2: `self_attention_layer` is in both encoders; `enc2/self_attention_layer` reads the
+    second one."""
+    x = keras.Input((6, 16))
+    enc1 = keras_hub.layers.TransformerEncoder(32, 2, name="enc1")
+    enc2 = keras_hub.layers.TransformerEncoder(32, 2, name="enc2")
+    model = keras.Model(x, enc2(enc1(x)))
+    inner = [enc1._self_attention_layer, enc2._self_attention_layer]
+    _seed_all(inner, 5)
+    source: Any = model
+    if file != "live":
+        source = tmp_path / file
+        model.save(source) if file.endswith(".keras") else model.save_weights(source)
+    paths = "['enc1/self_attention_layer', 'enc2/self_attention_layer']"
+    with pytest.raises(mhagen.WeightsError, match=f"names 2 MultiHeadAttention layers .*{paths.replace('[', '.')}"):
+        read_keras(source, layer="self_attention_layer")
+    for enc, layer in (("enc1", inner[0]), ("enc2", inner[1])):
+        found = read_keras(source, layer=f"{enc}/self_attention_layer")
+        _same_weights(found, layer)
+    found = read_keras(source, layer="enc2/self_attention_layer")
+    config = found.config or inner[1].get_config()
+    assert _reproduces(found, lambda q, v: inner[1](q, v), (2, 6, 16), (2, 6, 16), config) < ATOL
+
+
+# ---- one-line refusals from the CLI -----------------------------------------------------------------
+def test_cli_ambiguous_layer_is_one_line(keras: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = _nested_keras3(keras)
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "s.toml"
+    assert main(["import-keras", str(tmp_path / "m.keras"), "--layer", "attn", "--query-shape", "2,6,16",
+                 "--value-shape", "2,6,16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "['enc1/attn', 'enc2/attn']" in err and not out.exists()
+    assert main(["import-keras", str(tmp_path / "m.keras"), "--layer", "enc2/attn", "--query-shape",
+                 "2,6,16", "--value-shape", "2,6,16", "--out", str(out)]) == 0
+    assert "layer `enc2/attn`" in capsys.readouterr().out
+
+
+def test_config_that_does_not_fit_the_weights_is_refused(tf_model: tuple[Any, Path], tmp_path: Path) -> None:
+    """A whole-model .h5 whose model_config was swapped between the two layers: the pairing is
+    checked against the weights' shapes and refused, never trusted."""
+    import json
+    import shutil
+
+    import h5py
+
+    _, d = tf_model
+    shutil.copy(d / "m.h5", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        layers = {x["config"]["name"]: x for x in config["config"]["layers"]}
+        a, b = layers["multi_head_attention"], layers["multi_head_attention_1"]
+        a["config"]["key_dim"], b["config"]["key_dim"] = b["config"]["key_dim"], a["config"]["key_dim"]
+        f.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(mhagen.WeightsError, match=r"disagree .* cannot be matched with certainty"):
+        read_keras(tmp_path / "m.h5", layer="multi_head_attention")
