@@ -19,6 +19,7 @@ it is called.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import numpy as np
 
 from .errors import MhagenError, SpecError, WeightsError, invalid
 
-__all__ = ["KerasLayer", "read_keras", "weights_from_keras", "add_cli"]
+__all__ = ["KerasLayer", "CallSite", "read_keras", "weights_from_keras", "add_cli"]
 
 # The projections in `layer.get_weights()` order (the gate only with use_gate=True).
 _DENSES = ("query", "key", "gate", "value", "attention_output")
@@ -58,6 +59,28 @@ class KerasLayer:
     weights: dict[str, np.ndarray]
     path: str = ""
     keras2: bool = False
+    calls: tuple[CallSite, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """How a functional model calls the layer (one per call, in Keras' node order): what a spec
+    must declare to compute what the model computes. `other_masks` lists query/value/key masks,
+    which mhagen's spec cannot express."""
+
+    use_causal_mask: bool = False
+    return_attention_scores: bool = False
+    attention_mask: bool = False
+    key: bool = False
+    training: bool | None = None
+    other_masks: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = [f"use_causal_mask={self.use_causal_mask}",
+                 f"return_attention_scores={self.return_attention_scores}",
+                 f"attention_mask={'input' if self.attention_mask else None}",
+                 f"key={'input' if self.key else None}", f"training={self.training}"]
+        return ", ".join(parts + [f"{m}=input" for m in self.other_masks])
 
 
 @dataclass(frozen=True)
@@ -97,16 +120,23 @@ def read_keras(obj: Any, *, layer: str | None = None) -> KerasLayer:
         if path.name.endswith(".keras"):
             return _from_keras_archive(path, layer)
         if path.suffix in (".h5", ".hdf5"):
-            return _pick(_h5_candidates(path), layer, str(path))
+            return _pick(_h5_candidates(path), layer, str(path), _h5_model_config(path))
         raise WeightsError(f"Received an invalid value for argument `obj`, expected a .keras, "
                            f".weights.h5 or tf.keras .h5 file, or a SavedModel directory. "
                            f"Received: obj={str(path)!r}")
     return _from_live(obj, layer)
 
 
-def _pick(found: Sequence[_Candidate], name: str | None, source: str) -> KerasLayer:
+def _pick(found: Sequence[_Candidate], name: str | None, source: str, model_config: Any = None) -> KerasLayer:
     """The one candidate `name` addresses: its full path, or a tail of it that no other path has.
-    Never a guess: an ambiguous or unknown name lists every candidate path."""
+    Never a guess: an ambiguous or unknown name lists every candidate path. The call sites come
+    from `model_config`'s functional graph where it has one."""
+    layer = _address(found, name, source)
+    calls = _call_sites(model_config, layer.path) if model_config is not None else ()
+    return dataclasses.replace(layer, calls=calls) if calls else layer
+
+
+def _address(found: Sequence[_Candidate], name: str | None, source: str) -> KerasLayer:
     if not found:
         raise WeightsError(f"No MultiHeadAttention found in {source}")
     paths = [f.path for f in found]
@@ -168,7 +198,17 @@ def _from_live(obj: Any, name: str | None) -> KerasLayer:
                            f"model, or the path of a Keras file. Received: obj of type "
                            f"{type(obj).__name__}")
     return _pick(_live_candidates(obj, f"<{type(obj).__name__} {obj.name}>"), name,
-                 f"{type(obj).__name__} `{obj.name}`")
+                 f"{type(obj).__name__} `{obj.name}`", _live_config(obj))
+
+
+def _live_config(model: Any) -> Any:
+    """A functional model's serialized form (`{"class_name", "config"}`), else None."""
+    if not hasattr(model, "get_config") or _is_mha(model):
+        return None
+    try:
+        return {"class_name": type(model).__name__, "config": model.get_config()}
+    except Exception:  # noqa: BLE001 - subclassed models need not implement get_config
+        return None
 
 
 def _live_candidates(root: Any, source: str) -> list[_Candidate]:
@@ -285,7 +325,7 @@ def _from_saved_model(path: Path, name: str | None) -> KerasLayer:
     except Exception as exc:  # noqa: BLE001 - TF's loaders raise many types
         raise WeightsError(f"tf_keras could not load the SavedModel {path}: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return _pick(_live_candidates(model, str(path)), name, str(path))
+    return _pick(_live_candidates(model, str(path)), name, str(path), _live_config(model))
 
 
 # ---- .keras archives ------------------------------------------------------------------------------
@@ -312,7 +352,7 @@ def _from_keras_archive(path: Path, name: str | None) -> KerasLayer:
         model = keras.saving.load_model(path, compile=False)
     except Exception:  # noqa: BLE001 - e.g. an unregistered custom layer: read the files
         return _from_archive_files(path, name, config, weights, keras2=False)
-    return _pick(_live_candidates(model, str(path)), name, str(path))
+    return _pick(_live_candidates(model, str(path)), name, str(path), config)
 
 
 def _from_archive_files(path: Path, name: str | None, config: Any, weights: bytes, *,
@@ -321,7 +361,7 @@ def _from_archive_files(path: Path, name: str | None, config: Any, weights: byte
     import io
 
     found = _h5_candidates(io.BytesIO(weights), source=str(path), model_config=config, keras2=keras2)
-    return _pick(found, name, str(path))
+    return _pick(found, name, str(path), config)
 
 
 def _config_layers(config: Any) -> list[dict[str, Any]]:
@@ -382,6 +422,52 @@ def _positional_names(config: Any) -> dict[str, str]:
     return out
 
 
+# ---- call sites in the functional graph ---------------------------------------------------------
+_MASKS = ("query_mask", "value_mask", "key_mask")
+
+
+def _layer_node(config: Any, path: str) -> Mapping[str, Any] | None:
+    """The serialized layer at `path` in a model config (through nested functional models)."""
+    node = config
+    for part in path.split("/"):
+        node = next((x for x in _config_layers(node) if _layer_name(x) == part), None)
+        if node is None:
+            return None
+    return node
+
+
+def _call_sites(config: Any, path: str) -> tuple[CallSite, ...]:
+    """Each call of the layer as the graph records it: Keras 3 nodes `{"args": [...], "kwargs":
+    {...}}` (query, value, key positional), tf_keras nodes `[[inbound, node, tensor, kwargs]]`."""
+    node = _layer_node(config, path)
+    inbound = node.get("inbound_nodes") if isinstance(node, Mapping) else None
+    if not isinstance(inbound, list):
+        return ()
+    out = []
+    for call in inbound:
+        if isinstance(call, Mapping):  # Keras 3
+            args = list(call.get("args") or [])
+            kwargs = dict(call.get("kwargs") or {})
+            names = ("query", "value", "key", "query_mask", "value_mask", "key_mask", "attention_mask")
+            kwargs.update({n: a for n, a in zip(names, args) if n not in ("query", "value")})
+        elif isinstance(call, list) and call and isinstance(call[0], list):  # tf_keras
+            kwargs = dict(call[0][3]) if len(call[0]) > 3 and isinstance(call[0][3], Mapping) else {}
+            for n, entry in zip(("value", "key"), call[1:]):
+                kwargs[n] = entry
+        else:
+            continue
+        training = kwargs.get("training")
+        out.append(CallSite(
+            use_causal_mask=bool(kwargs.get("use_causal_mask")),
+            return_attention_scores=bool(kwargs.get("return_attention_scores")),
+            attention_mask=kwargs.get("attention_mask") is not None,
+            key=kwargs.get("key") is not None,
+            training=None if training is None else bool(training),
+            other_masks=tuple(m for m in _MASKS if kwargs.get(m) is not None),
+        ))
+    return tuple(out)
+
+
 # ---- HDF5 files: Keras 3 / tf_keras .weights.h5 and legacy tf.keras 2.x .h5 ----------------------
 def _h5py() -> Any:
     try:
@@ -404,6 +490,16 @@ def _h5_candidates(file: Any, *, source: str | None = None, model_config: Any = 
             return _legacy_candidates(h5py, f, source)
     except OSError as exc:
         raise WeightsError(f"{source} is not a readable HDF5 weights file: {exc}") from None
+
+
+def _h5_model_config(file: Any) -> Any:
+    """The `model_config` a whole-model tf.keras `.h5` carries, else None."""
+    try:
+        with _h5py().File(file, "r") as f:
+            text = _h5_str(f.attrs.get("model_config"))
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
 
 
 def _h5_str(value: Any) -> str | None:
@@ -560,6 +656,37 @@ def _config_arg(path: str | None) -> dict[str, Any] | None:
     return dict(config)
 
 
+def _call_from_graph(found: KerasLayer, args: argparse.Namespace) -> CallSite | None:
+    """The call site the spec must follow (None where the source records none), with every flag
+    that contradicts it refused: the model, not the flags, says how the layer is called."""
+    calls = found.calls
+    if args.call is not None and not 0 <= args.call < len(calls):
+        raise invalid("--call", f"a call index of `{found.path}`: 0 to {len(calls) - 1}" if calls
+                      else f"nothing: {found.source} records no call of `{found.path}`", args.call)
+    if not calls:
+        return None
+    if args.call is None and len(set(calls)) > 1:
+        listed = "; ".join(f"[{i}] {c.describe()}" for i, c in enumerate(calls))
+        raise WeightsError(f"`{found.path}` is called {len(calls)} times with different arguments "
+                           f"({listed}): choose one with --call N")
+    call = calls[args.call or 0]
+    where = f"call {args.call or 0} of `{found.path}`"
+    if call.other_masks:
+        raise WeightsError(f"{where} passes {', '.join(call.other_masks)}, which a spec cannot declare: "
+                           "pass the combined mask as attention_mask instead")
+    for flag, given, recorded in (("--causal", args.causal, call.use_causal_mask),
+                                  ("--scores", args.scores, call.return_attention_scores),
+                                  ("--attention-mask", args.attention_mask is not None, call.attention_mask)):
+        if given and not recorded:
+            raise WeightsError(f"{flag} contradicts {where}, which is made without it "
+                               f"({call.describe()})")
+    if call.key and args.key_shape is None:
+        raise WeightsError(f"{where} passes a separate key: give its shape with --key-shape")
+    if args.key_shape is not None and not call.key:
+        raise WeightsError(f"--key-shape contradicts {where}, which passes no separate key")
+    return call
+
+
 def _cmd_import_keras(args: argparse.Namespace) -> int:
     from .spec import Spec
     from .weights import normalize_weights
@@ -579,15 +706,20 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
     if config is None:
         raise SpecError(f"{args.file} holds weights only, no config for `{found.path}`: pass --config "
                         f"CONFIG.json (the layer's get_config() as JSON), or import the .keras file")
+    key_shape = _shape_arg("--key-shape", args.key_shape)
+    call = _call_from_graph(found, args)
+    if call is not None:
+        print(f"call {args.call or 0} of `{found.path}` in the model: {call.describe()}")
     spec = Spec.from_keras_config(
         config,
         query_shape=_shape_arg("--query-shape", args.query_shape) or (),
         value_shape=_shape_arg("--value-shape", args.value_shape) or (),
-        key_shape=_shape_arg("--key-shape", args.key_shape),
+        key_shape=key_shape,
         dtype=args.dtype,
-        attention_mask=_mask_arg(args.attention_mask),
-        use_causal_mask=args.causal,
-        return_attention_scores=args.scores,
+        attention_mask=_mask_arg(args.attention_mask) or (call is not None and call.attention_mask),
+        use_causal_mask=args.causal or (call is not None and call.use_causal_mask),
+        return_attention_scores=args.scores or (call is not None and call.return_attention_scores),
+        training=bool(call is not None and call.training),
     )
     normalize_weights(spec, found.weights)  # the shapes must fit the spec before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -619,6 +751,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--key-shape", help="full key shape when the key differs from the value")
     p.add_argument("--attention-mask", nargs="?", const="true", metavar="SHAPE",
                    help="declare a mask input: (B, T, S) alone, or an explicit shape such as 2,2,8,4")
+    p.add_argument("--call", type=int, metavar="N",
+                   help="which call of the layer the spec follows, 0-based in Keras' node order "
+                   "(needed when a functional model calls it several times with different arguments)")
     p.add_argument("--causal", action="store_true", help="use_causal_mask=True")
     p.add_argument("--scores", action="store_true", help="return_attention_scores=True")
     p.add_argument("--dtype", help="call dtype (default: the layer's dtype policy)")

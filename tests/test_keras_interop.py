@@ -20,6 +20,7 @@ import pytest
 import mhagen
 from mhagen.cli import main
 from mhagen.keras_io import read_keras
+from mhagen.weights_io import load_weights_file
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -264,3 +265,86 @@ def test_config_that_does_not_fit_the_weights_is_refused(tf_model: tuple[Any, Pa
         f.attrs["model_config"] = json.dumps(config)
     with pytest.raises(mhagen.WeightsError, match=r"disagree .* cannot be matched with certainty"):
         read_keras(tmp_path / "m.h5", layer="multi_head_attention")
+
+
+# ---- call-site arguments from the functional graph (point 7) ----------------------------------------
+def _import(file: Path, out: Path, *extra: str, value: str = "2,4,16") -> int:
+    return main(["import-keras", str(file), "--query-shape", "2,6,16", "--value-shape", value,
+                 *extra, "--out", str(out)])
+
+
+def _keras3_called_model(keras: Any, tmp_path: Path) -> tuple[Any, Any, Path]:
+    """`mha` called with a mask input and use_causal_mask=True; the model is just that call."""
+    q, v, m = keras.Input((6, 16)), keras.Input((4, 16)), keras.Input((6, 4))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    model = keras.Model([q, v, m], mha(q, v, attention_mask=m, use_causal_mask=True))
+    _seed_all([mha], 9)
+    model.save(tmp_path / "m.keras")
+    return model, mha, tmp_path / "m.keras"
+
+
+def test_call_site_arguments_are_read(keras: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, _, file = _keras3_called_model(keras, tmp_path)
+    out = tmp_path / "s.toml"
+    assert _import(file, out) == 0
+    assert "use_causal_mask=True" in capsys.readouterr().out
+    spec = mhagen.Spec.load(out)
+    assert spec.call.use_causal_mask and spec.call.attention_mask is True
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    mask = (rng.random((2, 6, 4)) > 0.3).astype(np.float32)
+    mask[:, :, 0] = 1  # no fully masked row: Keras' fused and explicit paths agree there
+    compiled = mhagen.build(out, target="cpu", weights=load_weights_file(tmp_path / "s.npz"))
+    np.testing.assert_allclose(compiled(q, v, attention_mask=mask), np.asarray(model([q, v, mask])),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scores"], "--scores contradicts call 0 of `mha`"),
+    (["--key-shape", "2,4,16"], "--key-shape contradicts call 0 of `mha`, which passes no separate key"),
+    (["--call", "3"], "expected a call index of `mha`: 0 to 0. Received: --call=3"),
+], ids=["scores", "key", "call_index"])
+def test_flag_that_contradicts_the_graph_is_refused(keras: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     flags: list[str], message: str) -> None:
+    _, _, file = _keras3_called_model(keras, tmp_path)
+    assert _import(file, tmp_path / "s.toml", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "s.toml").exists()
+
+
+def test_layer_called_twice_needs_call(keras: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    q, v, k = keras.Input((6, 16)), keras.Input((4, 16)), keras.Input((4, 16))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    model = keras.Model([q, v, k], [mha(q, v), mha(q, v, use_causal_mask=True), mha(q, v, k)])
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "s.toml"
+    assert _import(tmp_path / "m.keras", out) == 2
+    err = capsys.readouterr().err
+    assert "is called 3 times with different arguments" in err and "choose one with --call N" in err
+    assert _import(tmp_path / "m.keras", out, "--call", "1") == 0
+    assert mhagen.Spec.load(out).call.use_causal_mask
+    assert _import(tmp_path / "m.keras", out, "--call", "2") == 2
+    assert "passes a separate key: give its shape with --key-shape" in capsys.readouterr().err
+    assert _import(tmp_path / "m.keras", out, "--call", "2", "--key-shape", "2,4,16") == 0
+    assert mhagen.Spec.load(out).call.key == (2, 4, 16)
+
+
+def test_tf_keras_call_sites(tf_keras: Any, tmp_path: Path) -> None:
+    k = tf_keras
+    q, v = k.Input((6, 16)), k.Input((4, 16))
+    mha = k.layers.MultiHeadAttention(2, 4, name="mha")
+    out, scores = mha(q, v, use_causal_mask=True, return_attention_scores=True)
+    model = k.Model([q, v], [out, scores])
+    _seed_all([mha], 4)
+    model.save(tmp_path / "m.h5")
+    found = read_keras(tmp_path / "m.h5", layer="mha")
+    assert found.calls == (mhagen.keras_io.CallSite(use_causal_mask=True, return_attention_scores=True),)
+    assert _import(tmp_path / "m.h5", tmp_path / "s.toml") == 0
+    spec = mhagen.Spec.load(tmp_path / "s.toml")
+    assert spec.call.use_causal_mask and spec.call.return_attention_scores
+    rng = np.random.default_rng(2)
+    x = [rng.standard_normal((2, 6, 16)).astype(np.float32), rng.standard_normal((2, 4, 16)).astype(np.float32)]
+    compiled = mhagen.build(spec, target="cpu", weights=load_weights_file(tmp_path / "s.npz"))
+    for got, want in zip(compiled(*x), model(x)):
+        np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)

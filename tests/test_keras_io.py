@@ -247,17 +247,25 @@ def test_import_keras_then_verify(keras: Any, saved_model: Path, tmp_path: Path,
     np.testing.assert_allclose(compiled(query, value), np.asarray(mha(query, value)), atol=1e-5, rtol=0)
 
 
-def test_import_keras_options(saved_model: Path, tmp_path: Path) -> None:
+def test_import_keras_options(keras: Any, saved_model: Path, tmp_path: Path) -> None:
+    # The .keras model's graph calls `mha` plainly, so these flags would contradict it (refused,
+    # see test_keras_interop.py): a weights-only file plus --config records no call site.
+    model = keras.saving.load_model(saved_model)
+    mha = model.get_layer("mha")
+    weights = tmp_path / "mha.weights.h5"
+    model.save_weights(weights)
+    (tmp_path / "mha.json").write_text(json.dumps(mha.get_config()))
     spec_path = tmp_path / "masked.toml"
-    assert main(["import-keras", str(saved_model), "--query-shape", "2,8,16", "--value-shape", "2,4,16",
+    assert main(["import-keras", str(weights), "--config", str(tmp_path / "mha.json"),
+                 "--query-shape", "2,8,16", "--value-shape", "2,4,16",
                  "--attention-mask", "2,2,8,4", "--causal", "--scores", "--dtype", "float16",
                  "--format", "safetensors", "--out", str(spec_path)]) == 0
     spec = mhagen.Spec.load(spec_path)
     assert spec.call.attention_mask == (2, 2, 8, 4) and spec.call.use_causal_mask
     assert spec.call.return_attention_scores and spec.call.dtype == "float16"
     assert (tmp_path / "masked.safetensors").is_file() and not (tmp_path / "masked.npz").exists()
-    assert main(["import-keras", str(saved_model), "--query-shape", "2,8,16", "--value-shape", "2,4,16",
-                 "--attention-mask", "--out", str(spec_path)]) == 0
+    assert main(["import-keras", str(weights), "--config", str(tmp_path / "mha.json"), "--query-shape",
+                 "2,8,16", "--value-shape", "2,4,16", "--attention-mask", "--out", str(spec_path)]) == 0
     assert mhagen.Spec.load(spec_path).call.attention_mask is True
 
 
@@ -278,8 +286,9 @@ def test_import_keras_weights_only_file_needs_config(keras: Any, tmp_path: Path,
     (["--query-shape", "2,8,x", "--value-shape", "2,4,16"], "`--query-shape`, expected comma-separated"),
     (["--query-shape", "2,8,15", "--value-shape", "2,4,16"], "Weight `query/kernel` has shape (16, 2, 4)"),
     (["--query-shape", "2,8,16", "--value-shape", "2,4,16", "--layer", "other"], "Received: layer='other'"),
-    (["--query-shape", "2,8,16", "--value-shape", "2,4,16", "--key-shape", "2,5,16"], "must be equal"),
-], ids=["bad_shape", "shape_vs_weights", "unknown_layer", "key_value_mismatch"])
+    (["--query-shape", "2,8,16", "--value-shape", "2,4,16", "--key-shape", "2,5,16"],
+     "--key-shape contradicts call 0 of `mha`, which passes no separate key"),
+], ids=["bad_shape", "shape_vs_weights", "unknown_layer", "key_not_in_the_graph"])
 def test_import_keras_refuses_bad_input(saved_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         args: list[str], message: str) -> None:
     out = tmp_path / "s.toml"
