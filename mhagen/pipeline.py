@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .budget import check as check_budget
 from .compile import check_dtype, compile_program
 from .runtime import CompiledLayer, parameter_index
 from .spec import Spec
@@ -42,6 +43,7 @@ def build(
     spec = as_spec(spec)
     tgt = get_target(target)
     check_dtype(tgt, spec.call.dtype_policy.compute)
+    check_budget(spec, weights_mode=weights_mode, verify=False)
     ws = normalize_weights(spec, weights)
     program = trace(spec, ws, weights_mode=weights_mode)
     compiled = compile_program(program.text, tgt)

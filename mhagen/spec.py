@@ -11,6 +11,7 @@ round-trips through `to_dict()` / `from_dict()` and through its TOML file form.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import functools
 import math
@@ -78,6 +79,35 @@ _CALL_KEYS = (
 )
 DYNAMIC_DIMS = ("batch", "seq")
 
+# Every tensor's element count must fit int64: JAX, NumPy and IREE index with it.
+INT64_MAX = (1 << 63) - 1
+# Keras names the axes of its einsum equations with the letters a-z (`_CHR_IDX`), as the tracer does.
+EINSUM_LETTERS = 26
+# A dynamic bundle holds one program per power of two up to `max_batch` / `max_seq` (17 at most).
+MAX_DYNAMIC_SIZE = 1 << 16
+# Seeds key the dropout as `[seed, counter]` in uint32, as the bundle's interface records them.
+SEED_LIMIT = 1 << 32
+# Specs are a few hundred bytes; tables nested this deep are a mistake or an attack (tomllib, the
+# manifest's JSON and `to_toml` would each hit Python's recursion limit a few hundred levels down).
+MAX_NESTING = 32
+MAX_SPEC_BYTES = 1 << 20
+
+# The largest finite value of each weights dtype (numpy.finfo; ml_dtypes for bfloat16).
+_DTYPE_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+# The arguments each initializer takes (Keras 3 `get_config()` keys; None values are dropped).
+_VARIANCE_SCALING = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform",
+                     "lecun_normal")
+_INITIALIZER_ARGS: dict[str, tuple[str, ...]] = {
+    "zeros": (), "ones": (), "constant": ("value",),
+    "random_uniform": ("minval", "maxval", "seed"), "random_normal": ("mean", "stddev", "seed"),
+    "truncated_normal": ("mean", "stddev", "seed"), "orthogonal": ("gain", "seed"),
+    **{name: ("seed",) for name in _VARIANCE_SCALING},
+}
+# Keras' defaults for the arguments mhagen draws with (as `weights._draw` reads them).
+_INITIALIZER_DEFAULTS = {"value": 0.0, "minval": -0.05, "maxval": 0.05, "mean": 0.0, "stddev": 0.05,
+                         "gain": 1.0}
+
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -87,6 +117,11 @@ def _positive_int(name: str, value: object) -> int:
     if not _is_int(value) or value <= 0:  # type: ignore[operator]
         raise invalid(name, "a positive integer", value)
     return int(value)  # type: ignore[arg-type]
+
+
+def _number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -114,30 +149,87 @@ def _table(obj: Any, keys: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _strip_none(value: Any) -> Any:
-    """Drop None entries recursively: TOML has no null, and absent means None in a spec."""
+def _strip_none(value: Any, *, where: str = "spec", depth: int = 0) -> Any:
+    """Drop None entries recursively: TOML has no null, and absent means None in a spec.
+
+    Values must be what TOML and the bundle's JSON manifest both hold (no dates), nested at most
+    MAX_NESTING deep."""
+    if depth > MAX_NESTING:
+        raise invalid(where, f"tables and lists nested at most {MAX_NESTING} deep", "<nested deeper>")
     if isinstance(value, Mapping):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+        return {k: _strip_none(v, where=where, depth=depth + 1) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return [_strip_none(v) for v in value]
+        return [_strip_none(v, where=where, depth=depth + 1) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        raise invalid(where, "strings, numbers, booleans, lists and tables (no dates or times)", value)
     return value
 
 
 def _initializer(name: str, value: object) -> str | dict[str, Any]:
-    """Normalize an initializer: a snake-case name, or {"class_name": ..., "config": {...}}."""
+    """Normalize an initializer: a snake-case name, or {"class_name": ..., "config": {...}}.
+
+    The config holds exactly the arguments Keras' initializer takes, each finite and in its range
+    (a positive `stddev`, `minval <= maxval`), so that drawing weights can neither fail nor give NaN."""
     if isinstance(value, str):
         key = _INITIALIZER_CLASSES.get(value, value)
         if key not in KNOWN_INITIALIZERS:
             raise invalid(name, f"one of {', '.join(KNOWN_INITIALIZERS)}", value)
         return key
     if isinstance(value, Mapping) and "class_name" in value:
+        # `module` and `registered_name` come with Keras' serialization; they name the same class.
+        if set(value) - {"class_name", "config", "module", "registered_name"}:
+            raise invalid(name, "a table of `class_name` and `config` (as Keras serializes it)", dict(value))
         cls_name = value["class_name"]
-        key = _INITIALIZER_CLASSES.get(cls_name, cls_name)
+        key = _INITIALIZER_CLASSES.get(cls_name, cls_name) if isinstance(cls_name, str) else None
         if key not in KNOWN_INITIALIZERS:
             raise invalid(name, f"one of {', '.join(KNOWN_INITIALIZERS)}", cls_name)
-        config = _strip_none(dict(value.get("config") or {}))
-        return {"class_name": key, "config": config} if config else key
+        raw = value.get("config")
+        if raw is not None and not isinstance(raw, Mapping):
+            raise invalid(f"{name}.config", f"a table of the arguments of {key}", raw)
+        config = _strip_none(dict(raw or {}), where=f"{name}.config")
+        _check_initializer_args(name, key, config)  # type: ignore[arg-type]
+        return {"class_name": key, "config": config} if config else key  # type: ignore[return-value]
     raise invalid(name, "an initializer name or a {class_name, config} table", value)
+
+
+def _check_initializer_args(name: str, kind: str, config: Mapping[str, Any]) -> None:
+    allowed = _INITIALIZER_ARGS[kind]
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        takes = f"takes {', '.join(f'`{a}`' for a in allowed)}" if allowed else "takes no arguments"
+        raise invalid(f"{name}.config", f"the arguments {kind} takes ({takes})", dict(config))
+    for arg, value in config.items():
+        if arg == "seed":
+            if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+                raise invalid(f"{name}.seed", "a non-negative integer below 2**32", value)
+        elif not _number(value):
+            raise invalid(f"{name}.{arg}", "a finite number", value)
+    if "stddev" in config and not config["stddev"] > 0:
+        raise invalid(f"{name}.stddev", "a number greater than 0", config["stddev"])
+    if kind == "random_uniform":
+        lo, hi = (config.get(a, _INITIALIZER_DEFAULTS[a]) for a in ("minval", "maxval"))
+        if lo > hi:
+            raise invalid(f"{name}.maxval", f"a number at least minval ({lo!r})", hi)
+
+
+def _initializer_limit(init: str | Mapping[str, Any]) -> tuple[str, float] | None:
+    """(argument, the largest magnitude it may draw), for initializers whose draws scale with an argument.
+
+    A normal draw past 10 standard deviations has odds below 1e-23 per weight."""
+    if isinstance(init, str):
+        return None
+    kind, cfg = init["class_name"], {**_INITIALIZER_DEFAULTS, **init.get("config", {})}
+    if kind == "constant":
+        return "value", abs(cfg["value"])
+    if kind == "random_uniform":
+        return "minval" if abs(cfg["minval"]) > abs(cfg["maxval"]) else "maxval", max(
+            abs(cfg["minval"]), abs(cfg["maxval"]))
+    if kind in ("random_normal", "truncated_normal"):
+        sigmas = 10.0 if kind == "random_normal" else 2.0
+        return "stddev", abs(cfg["mean"]) + sigmas * cfg["stddev"]
+    if kind == "orthogonal":
+        return "gain", abs(cfg["gain"])
+    return None
 
 
 def _passthrough(name: str, value: object) -> Any:
@@ -145,7 +237,7 @@ def _passthrough(name: str, value: object) -> Any:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, Mapping):
-        return _strip_none(dict(value))
+        return _strip_none(dict(value), where=name)
     raise invalid(name, "None, a name, or a {class_name, config} table", value)
 
 
@@ -191,10 +283,13 @@ class LayerSpec:
         for name in ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
                      "kernel_constraint", "bias_constraint"):
             put(name, _passthrough(name, getattr(self, name)))
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise invalid("seed", "None or a non-negative integer", self.seed)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise invalid("seed", "None or a non-negative integer below 2**32", self.seed)
         if self.sliding_window is not None:
             put("sliding_window", _positive_int("sliding_window", self.sliding_window))
+            # The traced masks compare int32 row and key indices with the window.
+            if self.sliding_window >= 1 << 31:
+                raise invalid("sliding_window", "a positive integer below 2**31", self.sliding_window)
 
     @staticmethod
     def _parse_output_shape(value: object) -> tuple[int, ...] | None:
@@ -265,9 +360,17 @@ class CallSpec:
         if not isinstance(dyn, (list, tuple)) or any(d not in DYNAMIC_DIMS for d in dyn):
             raise invalid("dynamic", f"a list drawn from {list(DYNAMIC_DIMS)}", self.dynamic)
         put("dynamic", tuple(d for d in DYNAMIC_DIMS if d in dyn))
-        for name in ("max_batch", "max_seq"):
-            if getattr(self, name) is not None:
-                put(name, _positive_int(name, getattr(self, name)))
+        for name, dim in (("max_batch", "batch"), ("max_seq", "seq")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            put(name, _positive_int(name, value))
+            if value > MAX_DYNAMIC_SIZE:
+                raise invalid(name, f"a positive integer of at most {MAX_DYNAMIC_SIZE} (a dynamic bundle "
+                              "compiles one program per power of two up to it)", value)
+            if dim not in self.dynamic:
+                raise invalid(name, f"no value unless `dynamic` includes {dim!r} (it is the largest "
+                              f"{dim} a dynamic bundle serves)", value)
 
     @property
     def dtype_policy(self) -> DType:
@@ -370,8 +473,9 @@ class Spec:
     keras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keras", _strip_none(dict(self.keras)))
+        object.__setattr__(self, "keras", _strip_none(dict(self.keras), where="keras"))
         _ = self.geometry  # validates the combination of layer and call
+        _check_initializer_ranges(self.layer, self.call)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -398,6 +502,9 @@ class Spec:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"{source}: malformed TOML: {exc}") from None
+        except RecursionError:
+            raise SpecError(f"{source}: malformed TOML: arrays or tables nested too deeply for the "
+                            f"parser (a spec nests at most {MAX_NESTING} deep)") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -405,6 +512,11 @@ class Spec:
         """Read a spec from a TOML file with `[layer]` and `[call]` tables."""
         path = Path(path)
         try:
+            if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+                raise SpecError(f"Cannot read spec file {path}: not a regular file")
+            if path.exists() and path.stat().st_size > MAX_SPEC_BYTES:
+                raise SpecError(f"Cannot read spec file {path}: {path.stat().st_size} bytes, more than "
+                                f"the {MAX_SPEC_BYTES} a spec may have")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise SpecError(f"Spec file not found: {path}") from None
@@ -594,6 +706,15 @@ def _geometry(layer: LayerSpec, call: CallSpec) -> Geometry:
                       f"distinct axes of the {rank}-D input other than batch (0) and features "
                       f"({rank - 1}), i.e. within [1, {rank - 2}] or [{-(rank - 1)}, -2]",
                       list(layer.attention_axes or ()))
+    letters = rank + 1 + max(len(axes), len(layer.output_shape or (1,)))
+    if letters > EINSUM_LETTERS:
+        # Keras' equations name the projected axes (rank + 1), then one letter per attention axis
+        # or output dimension: past 26 the layer cannot be written (Keras itself fails there).
+        arg, value = ("query", list(q)) if len(axes) >= len(layer.output_shape or ()) else (
+            "output_shape", list(layer.output_shape or ()))
+        raise invalid(arg, f"a layer Keras can write with its {EINSUM_LETTERS} einsum letters (rank + 1 + "
+                      f"attention axes or output dims; here {rank} + 1 + {letters - rank - 1} = {letters})",
+                      value)
     batch_axes = tuple(a for a in range(rank - 1) if a not in axes)
     for a in batch_axes:
         if q[a] != v[a]:
@@ -626,7 +747,61 @@ def _geometry(layer: LayerSpec, call: CallSpec) -> Geometry:
                           f"mask expansion (e.g. {geo.full_mask_shape})", list(mask_shape))
     if call.dynamic:
         _check_dynamic(call, geo, mask_shape)
-    return dataclasses.replace(geo, mask_shape=mask_shape)
+    geo = dataclasses.replace(geo, mask_shape=mask_shape)
+    _check_sizes(geo, layer, call)
+    return geo
+
+
+def _largest(geo: Geometry, call: CallSpec) -> Geometry:
+    """The geometry of the largest shape a dynamic spec serves (max_batch, max_seq)."""
+    def grow(shape: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(shape)
+        if "batch" in call.dynamic:
+            out[0] = call.max_batch  # type: ignore[call-overload]
+        if "seq" in call.dynamic:
+            out[1] = call.max_seq  # type: ignore[call-overload]
+        return tuple(out)
+
+    big = dataclasses.replace(geo, query_shape=grow(geo.query_shape), value_shape=grow(geo.value_shape),
+                              key_shape=grow(geo.key_shape), mask_shape=None)
+    return dataclasses.replace(big, mask_shape=big.full_mask_shape if geo.mask_shape is not None else None)
+
+
+def _check_sizes(geo: Geometry, layer: LayerSpec, call: CallSpec) -> None:
+    """Every tensor of the layer (inputs, mask, outputs, scores, weights) at its largest shape has an
+    element count that fits int64."""
+    big = _largest(geo, call) if call.dynamic else geo
+    where = " at max_batch / max_seq" if call.dynamic else ""
+    for arg, shape in (("query", big.query_shape), ("value", big.value_shape), ("key", big.key_shape),
+                       ("attention_mask", big.mask_shape)):
+        if shape is not None and math.prod(shape) > INT64_MAX:
+            raise invalid(arg, f"a shape whose element count fits int64 (at most {INT64_MAX}){where}",
+                          list(shape))
+    derived = [("output", big.output_shape), ("attention scores (B, N, T, S)", big.scores_shape)]
+    derived += [(f"weight `{n}`", shape) for n, shape in big.weight_shapes(use_bias=layer.use_bias,
+                                                                          use_gate=layer.use_gate)]
+    for what, shape in derived:
+        count = math.prod(shape)
+        if count > INT64_MAX:
+            raise SpecError(f"The {what} {shape}{where} would hold {count} elements, more than int64 "
+                            f"indexes ({INT64_MAX}); received query={list(call.query)}, "
+                            f"value={list(call.value)}, num_heads={layer.num_heads}, key_dim={layer.key_dim}")
+
+
+def _check_initializer_ranges(layer: LayerSpec, call: CallSpec) -> None:
+    """Initializer draws must fit the weights' dtype and the compute dtype they are cast to (float16
+    overflows past 65504, also under mixed_float16)."""
+    policy = call.dtype_policy
+    dtype = min((policy.variable, policy.compute), key=_DTYPE_MAX.__getitem__)
+    largest = _DTYPE_MAX[dtype]
+    for name in ("kernel_initializer", "bias_initializer"):
+        limit = _initializer_limit(getattr(layer, name))
+        if limit is not None and limit[1] > largest:
+            arg, reach = limit
+            config = getattr(layer, name)["config"]
+            raise invalid(f"{name}.{arg}", f"a value whose draws fit the weights' dtype {dtype} (they "
+                          f"reach {reach:.3g}, past its largest {largest:.5g})",
+                          config.get(arg, _INITIALIZER_DEFAULTS[arg]))
 
 
 def _check_dynamic(call: CallSpec, geo: Geometry, mask_shape: tuple[int, ...] | None) -> None:
@@ -639,3 +814,12 @@ def _check_dynamic(call: CallSpec, geo: Geometry, mask_shape: tuple[int, ...] | 
         raise SpecError("`dynamic` includes batch, so [call] needs `max_batch`")
     if "seq" in call.dynamic and call.max_seq is None:
         raise SpecError("`dynamic` includes seq, so [call] needs `max_seq`")
+    # The declared shape is one the bundle serves (and verifies): the maxima cover it.
+    if "batch" in call.dynamic and call.max_batch < geo.query_shape[0]:  # type: ignore[operator]
+        raise invalid("max_batch", f"at least the declared batch {geo.query_shape[0]} (query "
+                      f"{list(geo.query_shape)})", call.max_batch)
+    if "seq" in call.dynamic:
+        longest = max(geo.query_shape[1], geo.value_shape[1])
+        if call.max_seq < longest:  # type: ignore[operator]
+            raise invalid("max_seq", f"at least the declared sequence lengths (query {geo.query_shape[1]}, "
+                          f"value {geo.value_shape[1]})", call.max_seq)

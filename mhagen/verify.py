@@ -188,6 +188,7 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
                   on_progress: Any = None) -> list[TargetResult]:
     """Compile `spec` for every target, run each runnable one on the same seeded inputs, and
     compare with the oracle. Targets that cannot run here are reported as "compiled, not run"."""
+    from .budget import check as check_budget
     from .compile import check_dtype, compile_program
     from .errors import CompileError, MhagenError
     from .runtime import CompiledLayer
@@ -195,6 +196,7 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
     from .trace import trace
     from .weights import normalize_weights
 
+    check_budget(spec, weights_mode="inline", verify=True)  # before any work: figures and the way out
     ws = normalize_weights(spec, weights)
     program = trace(spec, ws)
     inputs = random_inputs(spec, seed)
