@@ -19,7 +19,8 @@ resetting it, minus `VmRSS` before the call).
     result.rows["mhagen"].median_ms, result.speedup
 
 `mhagen bench SPEC` prints one spec; `mhagen bench --suite benchmarks` runs every spec of a folder and
-writes `results.md`, `results.json` and `results.png` there.
+writes `results.md`, `results.json` and `results.png` there. `mhagen bench DIR` times a bundle's
+module alone with the IREE runtime (`mhagen.runtime.timing`: no spec, no JAX), as its `run.py --bench` does.
 """
 
 from __future__ import annotations
@@ -522,11 +523,29 @@ def run_suite(
 
 
 # ---- command line ------------------------------------------------------------------------------
+def _cmd_bundle_bench(args: argparse.Namespace) -> int:
+    """`mhagen bench DIR`: a deployed bundle timed with the runtime alone (no spec, no JAX)."""
+    from .runtime import load_bundle
+    from .runtime.timing import time_layer
+
+    if args.suite:
+        raise MhagenError(f"{args.spec} is a bundle and --suite a folder of specs: give one of them")
+    layer = load_bundle(args.spec, args.target)
+    timing = time_layer(layer, repeats=args.repeats)
+    print(f"mhagen bench {args.spec}")
+    print(timing.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bundle": str(args.spec), **timing.to_dict()}, indent=2))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.spec and Path(args.spec).is_dir():
+        return _cmd_bundle_bench(args)
     console = Console(stderr=True)
-    out = Console(width=200)
+    out = Console()
 
     def progress(msg: str) -> None:
         console.print(f"[dim]{msg}...[/dim]")
@@ -537,7 +556,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results = run_suite(args.suite, out=args.out, **common)
         folder = Path(args.out or args.suite)
-        out.print(markdown_table(results))
+        print(markdown_table(results))    # markdown to copy: as is, not wrapped to the terminal
         out.print(f"wrote {folder / 'results.md'}, {folder / 'results.json'}"
                   f"{', ' + str(folder / 'results.png') if (folder / 'results.png').exists() else ''} "
                   f"in {(time.perf_counter() - start) / 60:.1f} min")
@@ -555,12 +574,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "bench", help="time the compiled module against jax.jit and the NumPy oracle on this CPU")
-    p.add_argument("spec", nargs="?", help="spec TOML file")
+        "bench", help="time the compiled module against jax.jit and the NumPy oracle on this CPU, "
+        "or time a bundle directory alone")
+    p.add_argument("spec", nargs="?", help="spec TOML file, or a bundle directory (written by `mhagen "
+                   "build`): its module for --target is timed with the IREE runtime alone, like "
+                   "iree-benchmark-module (p50/p90/p99 and mean)")
     p.add_argument("--suite", metavar="FOLDER", help="bench every spec in FOLDER; write results.md, "
                    "results.json and results.png there (or in --out)")
     p.add_argument("--out", help="folder for the suite's results (default: the suite folder)")
-    p.add_argument("--target", default="cpu", help="target to compile for (default cpu)")
+    p.add_argument("--target", default="cpu", help="target to compile for, or of the bundle (default cpu; "
+                   "`auto` for a bundle)")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                    help=f"most timed calls per implementation (default {DEFAULT_REPEATS}; fewer when "

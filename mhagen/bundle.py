@@ -65,8 +65,9 @@ import numpy as np
 from . import __version__
 from . import runtime as _runtime
 from .budget import check as check_budget
-from .compile import check_dtype, compile_program, compiler_version
+from .compile import check_dtype, compile_program, compiler_version, is_cached
 from .errors import BundleError, MhagenError, TargetError, VerifyError, invalid
+from .progress import Steps
 from .program import render
 from .runtime import (MANIFEST_VERSION, driver_status, host_arch, host_cpu_features, load_bundle,
                       runtime_version, sha256_file)
@@ -449,42 +450,37 @@ def _copy_runtime(staging: Path) -> None:
 
 def _verify(spec: Spec, staging: Path, name: str, weights: list[np.ndarray], runs: tuple[bool, str]
             ) -> dict[str, Any]:
-    """Load the staged bundle's module for target `name` like a user would, and check it on the oracle."""
-    from .verify import check_outputs, expected_outputs, random_inputs
+    """Load the staged bundle's module for target `name` like a user would, and check it on the
+    oracle at every size of `verify.shape_checks` (recorded as `shapes`, the choice as `shapes_chosen`)."""
+    from .verify import check_layer, shape_checks
 
     if not runs[0]:
         return {"ran": False, "reason": runs[1], "status": "compiled, not run"}
+    checks, chosen = shape_checks(spec)
+    shapes = {"shapes": [c.label for c in checks], "shapes_chosen": chosen}
     try:
         layer = load_bundle(staging, name)
-        checks = []
-        sizes = [None]
-        if spec.call.dynamic:  # the declared shape, plus the smallest batch and sequence
-            sizes.append((1 if "batch" in spec.call.dynamic else None, 3 if "seq" in spec.call.dynamic else None))
-        for size in sizes:
-            sub = spec if size is None else spec.at_size(size[0], size[1], size[1])
-            inputs = random_inputs(sub, seed=0)
-            result = layer(**inputs)
-            got = list(result) if isinstance(result, tuple) else [result]
-            checks += check_outputs(sub, got, expected_outputs(sub, weights, inputs))
+        comparisons = check_layer(layer, checks, weights)
     except MhagenError as exc:
-        return {"ran": True, "status": "error", "passed": False, "message": str(exc).splitlines()[0]}
-    passed = all(c.passed for c in checks)
+        return {"ran": True, "status": "error", "passed": False, "message": str(exc).splitlines()[0], **shapes}
+    passed = all(c.passed for c in comparisons)
     return {"ran": True, "status": "pass" if passed else "FAIL", "passed": passed,
-            "max_abs": max(c.max_abs for c in checks), "max_rel": max(c.max_rel for c in checks),
-            "message": next((c.message for c in checks if not c.passed), checks[0].message)}
+            "max_abs": max(c.max_abs for c in comparisons), "max_rel": max(c.max_rel for c in comparisons),
+            "message": next((c.message for c in comparisons if not c.passed), comparisons[0].message), **shapes}
 
 
 def _verify_all(spec: Spec, staging: Path, manifest: dict[str, Any], weights: list[np.ndarray],
                 runs: dict[str, tuple[bool, str]], progress: bool) -> None:
     """Verify every target entry of `manifest` in place, and mark the failed ones not runnable."""
-    for entry in manifest["targets"]:
-        name = entry["name"]
-        _say(progress, f"verify {name}...")
-        entry["verify"] = result = _verify(spec, staging, name, weights, runs[name])
-        entry["runnable"] = result.get("passed") is not False
-        detail = (f" (max abs err {result['max_abs']:.2g})" if result.get("max_abs") is not None
-                  else f" ({result.get('reason') or result.get('message', '')})")
-        _say(progress, f"verify {name}: {result['status']}{detail}")
+    with Steps(enabled=progress) as steps:
+        for entry in manifest["targets"]:
+            name = entry["name"]
+            steps.start(f"verify {name}: running")
+            entry["verify"] = result = _verify(spec, staging, name, weights, runs[name])
+            entry["runnable"] = result.get("passed") is not False
+            detail = (f" (max abs err {result['max_abs']:.2g})" if result.get("max_abs") is not None
+                      else f" ({result.get('reason') or result.get('message', '')})")
+            steps.done(f"verify {name}: {result['status']}{detail}")
 
 
 def _failed(out: Path, manifest: dict[str, Any]) -> VerifyError | None:
@@ -523,12 +519,15 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
         trace_seconds = time.perf_counter() - started
         _pause("traced")
         compiled = []
-        for i, target in enumerate(targets, 1):
-            _say(progress, f"[{i}/{len(targets)}] {target.name}: compiling ({target.backend})...")
-            c = compile_program(program.text, target)
-            compiled.append(c)
-            _say(progress, f"[{i}/{len(targets)}] {target.name}: "
-                 f"{'cached' if c.cached else f'compiled in {c.seconds:.1f} s'}, {len(c.vmfb) / 1024:.0f} KiB")
+        with Steps(enabled=progress) as steps:
+            for i, target in enumerate(targets, 1):
+                label = f"[{i}/{len(targets)}] {target.name}"
+                steps.start(f"{label}: " + ("reading the compile cache" if is_cached(program.text, target)
+                                            else f"compiling ({target.backend})"))
+                c = compile_program(program.text, target)
+                compiled.append(c)
+                steps.done(f"{label}: {'cached' if c.cached else f'compiled in {c.seconds:.1f} s'}, "
+                           f"{len(c.vmfb) / 1024:.0f} KiB")
         weights_entry = None
         try:
             (staging / "program.mlir").write_text(program.text)
@@ -557,7 +556,7 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
             "jax_version": importlib.metadata.version("jax"), "mhagen_version": __version__,
             "trace_seconds": round(trace_seconds, 3),
         }
-        _finish(dest, staging, manifest, spec, ws, verify=verify, progress=progress,
+        _finish(dest, staging, manifest, spec, ws, verify=verify, progress=progress, where=str(out),
                 runs={t.name: (availability(t).runs, availability(t).run_reason) for t in targets})
     error = _failed(dest, manifest)
     if error:
@@ -566,8 +565,11 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
 
 
 def _finish(out: Path, staging: Path, manifest: dict[str, Any], spec: Spec, weights: list[np.ndarray], *,
-            verify: bool, progress: bool, runs: dict[str, tuple[bool, str]], run_py: bool = True) -> None:
-    """Hash, verify what was staged (loaded like a user would), render README (and run.py), hash again."""
+            verify: bool, progress: bool, runs: dict[str, tuple[bool, str]], run_py: bool = True,
+            where: str | None = None) -> None:
+    """Hash, verify what was staged (loaded like a user would), render README (and run.py), hash again.
+
+    `where`: the bundle's path as the README's example commands give it (default `out`)."""
     try:
         _write_manifest(staging, manifest)   # hashes, so the verify step loads what ships
     except OSError as exc:
@@ -576,17 +578,84 @@ def _finish(out: Path, staging: Path, manifest: dict[str, Any], spec: Spec, weig
         _verify_all(spec, staging, manifest, weights, runs, progress)
     _pause("verified")
     try:
-        _write_rendered(staging, manifest, run_py=run_py)
+        _write_rendered(staging, manifest, run_py=run_py, where=str(out) if where is None else where)
         _write_manifest(staging, manifest)
     except OSError as exc:
         raise _os_error(out, exc) from None
 
 
-def _write_rendered(staging: Path, manifest: dict[str, Any], *, run_py: bool = True) -> None:
+def _write_rendered(staging: Path, manifest: dict[str, Any], *, run_py: bool = True, where: str = ".") -> None:
     context = {"m": manifest, "targets": manifest["targets"], "interface": manifest["interface"]}
     if run_py:
         (staging / "run.py").write_text(render("run.py.j2", **context))
-    (staging / "README.md").write_text(render("bundle_README.md.j2", **context))
+    (staging / "README.md").write_text(render("bundle_README.md.j2", **context, **_readme_context(manifest, where)))
+
+
+def _readme_context(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """What the bundle README shows beyond the manifest: free axes, and runnable example commands for
+    the bundle at `where` (the path it was written to, as given)."""
+    import shlex
+
+    from .runtime import free_dims
+
+    interface = manifest["interface"]
+    largest = interface["functions"][-1]       # sorted by bucket: its inputs hold every declared shape
+
+    def dims(sigs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**s, "dims": free_dims(interface, s["name"], s["shape"])} for s in sigs]
+
+    outputs = [{**s, "dims": free_dims(interface, "query" if s["name"] == "output" else "attention_mask",
+                                       s["shape"])} for s in interface["outputs"]]
+    run_inputs = [s["name"] for s in interface["inputs"] if s["name"] != "dropout_key"]
+    bf16 = any(s["dtype"] == "bfloat16" for s in largest["inputs"])
+    iree_inputs = [] if bf16 else [s["name"] for s in largest["inputs"]]
+    lines = []
+    for s in largest["inputs"]:
+        shape = tuple(s["shape"])
+        if s["name"] == "attention_mask":
+            value = f'np.ones({shape}, "{s["dtype"]}")'
+        elif s["name"] == "dropout_key":
+            value = f'np.array([{interface["dropout"]["seed"]}, 0], "uint32")'
+        else:   # run.py casts float32 to bfloat16; NumPy alone cannot write bfloat16
+            value = f'rng.standard_normal({shape}).astype("{"float32" if bf16 else s["dtype"]}")'
+        lines.append(f'np.save("{s["name"]}.npy", {value})')
+    return {"where": where, "where_sh": shlex.quote(where), "where_py": json.dumps(where),
+            "inputs": dims(interface["inputs"]), "outputs": outputs, "free_axes": _free_axes(interface),
+            "example_lines": lines, "run_inputs": run_inputs, "iree_inputs": iree_inputs,
+            "iree_function": largest["name"], "checked": _checked_text(manifest)}
+
+
+def _free_axes(interface: dict[str, Any]) -> str:
+    """One sentence on the sizes a call may have."""
+    dynamic = interface.get("dynamic", [])
+    declared = interface["inputs"][0]["shape"][0]
+    parts = []
+    if "batch" in dynamic:
+        parts.append(f"batch 1 to {interface['max_batch']}")
+    if "seq" in dynamic:
+        parts.append(f"sequence length 1 to {interface['max_seq']}")
+    if dynamic:
+        buckets = ", ".join("(" + ", ".join(f"{k} {f[k]}" for k in ("batch", "seq") if f.get(k) is not None) + ")"
+                            for f in interface["functions"])
+        text = (f"Free axes: {' and '.join(parts)} (`<=` in the table). A call runs in the smallest compiled "
+                f"shape bucket that holds it, padded (keys masked) and sliced back; the buckets: {buckets}.")
+        if "batch" not in dynamic and not interface.get("dropout"):
+            text += f" Any batch (`*`): the module computes {declared} rows at a time."
+        return text
+    if interface.get("dropout"):
+        return ("Fixed shapes: training with dropout draws one random mask over the whole batch, so the "
+                "batch cannot be split.")
+    return (f"Any batch (`*` in the table): the module computes batch {declared}; a call with another batch "
+            f"runs {declared} rows at a time (the last chunk padded and sliced back).")
+
+
+def _checked_text(manifest: dict[str, Any]) -> str:
+    """The shapes the build's verify ran, from the first target that ran (all ran the same)."""
+    for t in manifest["targets"]:
+        verify = t.get("verify", {})
+        if verify.get("shapes"):
+            return f"query {', '.join(verify['shapes'])} ({verify.get('shapes_chosen', '')})"
+    return ""
 
 
 def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:

@@ -47,60 +47,87 @@ def _targets_arg(args: argparse.Namespace) -> list[Any]:
     return parse_targets(value)
 
 
+# Columns a narrow terminal drops, widest need first: (column, the least width that shows it).
+_TARGETS_OPTIONAL = {"description": 160, "driver": 100}
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .targets import all_targets, availability
 
-    table = Table(title="mhagen targets")
-    for col in ("target", "backend", "driver", "compiles here", "runs here", "description"):
-        table.add_column(col)
-    rows = []
+    rows, cells = [], []
     for name, target in sorted(all_targets().items()):
         a = availability(target)
         compiles = "yes" if a.compiles else f"no: {a.compile_reason}"
         runs = f"yes ({a.run_reason})" if a.runs else f"no: {a.run_reason}"
-        table.add_row(name, target.backend, target.driver, compiles, runs, target.description)
+        cells.append({"target": name, "backend": target.backend, "driver": target.driver,
+                      "compiles here": compiles, "runs here": runs, "description": target.description})
         rows.append({**target.to_dict(), "compiles": a.compiles, "compile_reason": a.compile_reason,
                      "runs": a.runs, "run_reason": a.run_reason})
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        Console(width=200).print(table)
+        return 0
+    console = Console()
+    columns = [c for c in ("target", "backend", "driver", "compiles here", "runs here", "description")
+               if console.width >= _TARGETS_OPTIONAL.get(c, 0)]
+    table = Table(title="mhagen targets")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in cells:
+        table.add_row(*(Text(row[c]) for c in columns))
+    console.print(table)
+    if len(columns) < len(cells[0]):
+        console.print(f"(a wider terminal shows {', '.join(c for c in cells[0] if c not in columns)}; "
+                      "--json shows all)", highlight=False)
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from .progress import Steps
     from .spec import Spec
-    from .verify import tolerance, verify_matrix
+    from .verify import shape_checks, tolerance, verify_matrix
 
     spec = Spec.load(args.spec)
     weights = _weights_arg(args.spec, args.weights)
     targets = _targets_arg(args)
     if args.json:
         _check_writable(Path(args.json), "--json")
-    console = Console(stderr=True)
-
-    def progress(name: str, stage: str) -> None:
-        console.print(f"[dim]{name}: {stage}...[/dim]")
-
-    rows = verify_matrix(spec, targets, weights, seed=args.seed, on_progress=progress)
+    with Steps(Console(stderr=True)) as steps:
+        rows = verify_matrix(spec, targets, weights, seed=args.seed,
+                             on_progress=lambda name, stage: steps.start(f"{name}: {stage}"))
     tol = tolerance(spec)
-    table = Table(title=f"mhagen verify {args.spec} ({spec.call.dtype}, atol {tol.atol:g}, rtol {tol.rtol:g})")
-    for col in ("target", "compiled", "ran", "max abs err", "max rel err", "result"):
-        table.add_column(col)
+    # With rtol 0 the test is |err| <= atol alone, and a relative error would only confuse.
+    criterion = f"|err| <= {tol.atol:g}" + (f" + {tol.rtol:g} |expected|" if tol.rtol else "")
+    table = Table(title=Text(f"mhagen verify {args.spec} ({spec.call.dtype}; pass: {criterion})"))
+    columns = ["target", "compiled", "max abs err"] + (["max rel err"] if tol.rtol else []) + ["result"]
+    for col in columns:
+        table.add_column(col, overflow="fold", no_wrap=col in ("target", "compiled"))
     for r in rows:
-        compiled = f"{r.size / 1024:.0f} KiB, {r.compile_seconds:.1f} s{' (cached)' if r.cached else ''}" \
-            if r.compiled else f"no: {r.reason}"
-        ran = "yes" if r.ran else ("no" if not r.compiled else f"no: {r.reason}")
-        table.add_row(r.target, compiled, ran,
-                      "" if r.max_abs is None else f"{r.max_abs:.3g}",
-                      "" if r.max_rel is None else f"{r.max_rel:.3g}", r.status)
-    Console(width=200).print(table)
+        compiled = (f"{r.size / 1024:.0f} KiB, " + ("cached" if r.cached else f"{r.compile_seconds:.1f} s")
+                    if r.compiled else "no")
+        result = r.status
+        if not r.compiled and r.reason:
+            result = f"compile failed: {r.reason}"
+        elif r.compiled and not r.ran:
+            result = f"not run: {r.reason}"
+        elif r.ran and r.max_abs is None:      # the run itself failed
+            result = f"FAIL: {r.reason}"
+        cells = [r.target, compiled, "" if r.max_abs is None else f"{r.max_abs:.3g}"]
+        if tol.rtol:
+            cells.append("" if r.max_rel is None else f"{r.max_rel:.3g}")
+        table.add_row(*map(Text, cells + [result]))
+    console = Console()
+    console.print(table)
+    ran = next((r for r in rows if r.shapes), None)
+    if ran:
+        console.print(Text(f"shapes checked: query {', '.join(ran.shapes)} ({shape_checks(spec)[1]})"))
     for r in rows:
         if r.ran and not r.passed:
             print(f"{r.target}: {r.message or r.reason}", file=sys.stderr)
@@ -130,11 +157,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import run_main
 
-    argv = [args.bundle, "--target", args.target, "--output", args.output]
+    argv = [args.bundle, "--target", args.target]
+    if args.output is not None:
+        argv += ["--output", args.output]
     for item in args.input:
         argv += ["--input", item]
     if args.allow_failed:
         argv.append("--allow-failed")
+    if args.bench:
+        argv.append("--bench")
+    if args.repeats is not None:
+        argv += ["--repeats", str(args.repeats)]
     return run_main(argv, prog="mhagen run")
 
 
@@ -219,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="target in the bundle (default cpu)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input: query, value, key, attention_mask or dropout_key")
-    p.add_argument("--output", required=True,
+    p.add_argument("--output",
                    help="FILE.npy for a single output, or a directory for output.npy (and scores.npy)")
     p.add_argument("--allow-failed", action="store_true",
                    help="run a target even though its verify failed when the bundle was built")
+    p.add_argument("--bench", action="store_true",
+                   help="time the module instead, as `mhagen bench DIR` does; no --output")
+    p.add_argument("--repeats", type=int, metavar="N", help="with --bench: the most timed calls")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")

@@ -30,7 +30,7 @@ from .errors import CompileError, MhagenError, TargetError
 from .runtime import host_cpu_features
 from .targets import Target, compile_flags, get_target, stated_flags
 
-__all__ = ["Compiled", "compile_program", "compiler_version", "cache_dir", "check_dtype"]
+__all__ = ["Compiled", "compile_program", "is_cached", "compiler_version", "cache_dir", "check_dtype"]
 
 DEFAULT_TIMEOUT_S = 1200.0
 # A cache entry: the header `mhagen-cache-entry key:KEY sha256:DIGEST\n` (hex), then the module.
@@ -86,6 +86,14 @@ def check_dtype(target: Target, dtype: str) -> None:
         raise TargetError(f"Target `{target.name}` cannot compute in {dtype} on this machine: it needs "
                           f"the CPU feature(s) {', '.join(missing)}, which this CPU lacks; pick "
                           f"another dtype or a machine that has them")
+
+
+def is_cached(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> bool:
+    """Whether the cache holds an entry for this compile (checked, and maybe discarded, when read):
+    lets progress say "cached" rather than "compiling" before `compile_program` runs."""
+    cache = cache_dir()
+    target = get_target(target)
+    return cache is not None and (cache / f"{_cache_key(target, list(extra_flags or []), text)}.vmfb").is_file()
 
 
 def compile_program(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> Compiled:

@@ -2,11 +2,12 @@
 
     result = compare(got, expected, dtype="float32", name="outputs[0]")
     result.passed, result.max_abs, result.max_rel
+    checks, why = shape_checks(spec)     # every size a build serves that verify runs, and why those
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ from .spec import Spec
 from .trace import input_signature
 
 __all__ = ["TOLERANCES", "Tolerance", "Comparison", "compare", "random_inputs", "dropout_keep_mask",
-           "tolerance", "TargetResult", "verify_matrix", "expected_outputs", "check_outputs"]
+           "tolerance", "TargetResult", "verify_matrix", "expected_outputs", "check_outputs", "ShapeCheck",
+           "shape_checks", "check_layer"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class TargetResult:
     max_rel: float | None = None
     passed: bool | None = None
     message: str = ""
+    shapes: list[str] = field(default_factory=list)   # the sizes it ran at (`shape_checks`)
 
     @property
     def status(self) -> str:
@@ -166,7 +169,7 @@ class TargetResult:
                 "size": self.size, "compile_seconds": round(self.compile_seconds, 3),
                 "cached": self.cached, "ran": self.ran, "reason": self.reason,
                 "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed,
-                "message": self.message}
+                "message": self.message, "shapes": list(self.shapes)}
 
 
 def expected_outputs(spec: Spec, weights: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -184,31 +187,142 @@ def check_outputs(spec: Spec, got: list[np.ndarray], expected: list[np.ndarray])
     return [compare(g, e, tol=tol, name=f"outputs[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
 
 
+# A dynamic build with more buckets than this is checked at its smallest, middle and largest bucket.
+ALL_BUCKETS_UP_TO = 4
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    """One size verify calls a build with: a static spec of that size, and why it is checked."""
+
+    spec: Spec
+    why: str = ""                # "padded" (between buckets), "in chunks" (batch served in chunks)
+    rows: int | None = None      # the oracle runs this many batch rows at a time (the compiled batch)
+
+    @property
+    def label(self) -> str:
+        """The query shape, e.g. `(5, 16, 32) in chunks`."""
+        return f"{tuple(self.spec.geometry.query_shape)}{f' {self.why}' if self.why else ''}"
+
+
+def shape_checks(spec: Spec) -> tuple[list[ShapeCheck], str]:
+    """The sizes a build of `spec` is verified at, and the choice in words.
+
+    Static batch B: B, 1 and B + 3 (the last two served in chunks of B), unless the layer trains
+    with dropout (one random mask over the whole batch: B only). Dynamic: every shape bucket, or
+    with more than `ALL_BUCKETS_UP_TO` the smallest, the middle and the largest; one size between
+    buckets (padded into the next one) where there is one; and, when only the sequence is dynamic,
+    batch 1 and B + 3 as above.
+
+        checks, why = shape_checks(spec)     # why: "every bucket (4), a size between buckets"
+    """
+    from .trace import buckets
+
+    declared = spec.geometry.query_shape[0]
+    if not spec.call.dynamic:
+        if spec.has_dropout:
+            return [ShapeCheck(spec)], "the declared shape only: dropout fixes the batch"
+        checks = [ShapeCheck(spec)]
+        if declared != 1:
+            checks.append(ShapeCheck(spec.at_size(1), "in chunks", rows=declared))
+        checks.append(ShapeCheck(spec.at_size(declared + 3), "in chunks", rows=declared))
+        return checks, (f"the declared batch{'' if declared == 1 else ', batch 1'} and batch {declared}+3, "
+                        f"in chunks of {declared}")
+    sizes = buckets(spec)
+    chosen = sizes if len(sizes) <= ALL_BUCKETS_UP_TO else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
+    what = (f"every bucket ({len(sizes)})" if chosen is sizes
+            else f"the smallest, middle and largest of {len(sizes)} buckets")
+    checks = [ShapeCheck(spec.at_size(b, s, s)) for b, s in chosen]
+
+    def between(dim: str, ladder: list[int | None]) -> int | None:
+        """The smallest size of `dim` that is not a bucket (so the call pads), else its smallest bucket."""
+        if dim not in spec.call.dynamic:
+            return None
+        top = spec.call.max_batch if dim == "batch" else spec.call.max_seq
+        return next((n for n in range(1, top + 1) if n not in ladder), min(x for x in ladder if x))
+
+    pb = between("batch", sorted({b for b, _ in sizes if b}))
+    ps = between("seq", sorted({s for _, s in sizes if s}))
+    if (pb, ps) not in sizes:
+        checks.insert(0, ShapeCheck(spec.at_size(pb, ps, ps), "padded"))
+        what += ", a size between buckets (padded)"
+    if "batch" not in spec.call.dynamic:
+        seq = sizes[0][1]
+        checks.append(ShapeCheck(spec.at_size(1, seq, seq), "in chunks", rows=declared))
+        checks.append(ShapeCheck(spec.at_size(declared + 3, seq, seq), "in chunks", rows=declared))
+        what += f", batch 1 and {declared}+3 in chunks of {declared}"
+    return checks, what
+
+
+def _expected_by_rows(check: ShapeCheck, weights: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The oracle's answer, `check.rows` batch rows at a time where set: a batch past the compiled one
+    then needs no more oracle memory than the declared shape (which the budget was checked for)."""
+    batch = check.spec.geometry.query_shape[0]
+    rows = check.rows or batch
+    if batch <= rows:
+        return expected_outputs(check.spec, weights, inputs)
+    parts = []
+    for start in range(0, batch, rows):
+        n = min(rows, batch - start)
+        part = {k: v if k == "dropout_key" else v[start:start + n] for k, v in inputs.items()}
+        parts.append(expected_outputs(check.spec.at_size(n), weights, part))
+    return [np.concatenate(p, axis=0) for p in zip(*parts)]
+
+
+def check_layer(layer: Any, checks: list[ShapeCheck], weights: Any, *, seed: int = 0,
+                expected: dict[int, list[np.ndarray]] | None = None) -> list[Comparison]:
+    """Call `layer` at every size of `checks` on seeded inputs and compare with the oracle; the
+    comparisons are named by the query shape. `expected` caches the oracle's answers by check index
+    (shared by the targets of one verify)."""
+    cache = {} if expected is None else expected
+    out = []
+    for i, check in enumerate(checks):
+        inputs = random_inputs(check.spec, seed)
+        if i not in cache:
+            cache[i] = _expected_by_rows(check, weights, inputs)
+        result = layer(**inputs)
+        got = list(result) if isinstance(result, tuple) else [result]
+        name = f"query {tuple(check.spec.geometry.query_shape)}: outputs"
+        tol = tolerance(check.spec)
+        out += [compare(g, e, tol=tol, name=f"{name}[{j}]") for j, (g, e) in enumerate(zip(got, cache[i]))]
+    return out
+
+
 def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: int = 0,
                   on_progress: Any = None) -> list[TargetResult]:
-    """Compile `spec` for every target, run each runnable one on the same seeded inputs, and
-    compare with the oracle. Targets that cannot run here are reported as "compiled, not run"."""
-    from .budget import check as check_budget
-    from .compile import check_dtype, compile_program
-    from .errors import CompileError, MhagenError
-    from .runtime import CompiledLayer
-    from .targets import availability
-    from .trace import trace
-    from .weights import normalize_weights
+    """Compile `spec` for every target, run each runnable one at every size of `shape_checks(spec)`
+    on the same seeded inputs, and compare with the oracle. Targets that cannot run here are
+    reported as "compiled, not run".
 
-    check_budget(spec, weights_mode="inline", verify=True)  # before any work: figures and the way out
+    The program is traced as `mhagen build` traces it (weights as parameters), so a verify after a
+    build, or a build after a verify, finds its modules in the compile cache.
+
+    `on_progress(target_name, stage)` hears of each stage ("compiling (llvm-cpu)", "reading the
+    compile cache", "running 3 shapes").
+    """
+    from .budget import check as check_budget
+    from .compile import check_dtype, compile_program, is_cached
+    from .errors import CompileError, MhagenError
+    from .runtime import CompiledLayer, parameter_index
+    from .targets import availability
+    from .trace import WeightsMode, trace
+    from .weights import normalize_weights, weight_names
+
+    check_budget(spec, weights_mode="parameters", verify=True)  # before any work: figures and the way out
     ws = normalize_weights(spec, weights)
-    program = trace(spec, ws)
-    inputs = random_inputs(spec, seed)
-    expected = expected_outputs(spec, ws, inputs)
+    program = trace(spec, ws, weights_mode=WeightsMode.PARAMETERS)
+    parameters = parameter_index(dict(zip(weight_names(spec), ws)))
+    checks, _ = shape_checks(spec)
+    expected: dict[int, list[np.ndarray]] = {}
     rows = []
     for target in targets:
         row = TargetResult(target.name)
         rows.append(row)
-        if on_progress:
-            on_progress(target.name, "compiling")
         try:
             check_dtype(target, spec.call.dtype_policy.compute)
+            if on_progress:
+                on_progress(target.name, "reading the compile cache" if is_cached(program.text, target)
+                            else f"compiling ({target.backend})")
             compiled = compile_program(program.text, target)
         except CompileError as exc:
             row.reason = exc.summary
@@ -224,18 +338,17 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
             row.reason = avail.run_reason
             continue
         if on_progress:
-            on_progress(target.name, "running")
+            on_progress(target.name, f"running {len(checks)} shape{'s' if len(checks) > 1 else ''}")
         try:
-            layer = CompiledLayer(program.interface, compiled.vmfb, target, spec=spec)
-            result = layer(**inputs)
-            got = list(result) if isinstance(result, tuple) else [result]
+            layer = CompiledLayer(program.interface, compiled.vmfb, target, spec=spec, parameters=parameters)
+            comparisons = check_layer(layer, checks, ws, seed=seed, expected=expected)
         except MhagenError as exc:
             row.reason = str(exc)
             row.passed = False
             row.ran = True
             continue
         row.ran = True
-        comparisons = check_outputs(spec, got, expected)
+        row.shapes = [c.label for c in checks]
         row.max_abs = max(c.max_abs for c in comparisons)
         row.max_rel = max(c.max_rel for c in comparisons)
         row.passed = all(c.passed for c in comparisons)

@@ -9,6 +9,7 @@ It needs only NumPy and iree-base-runtime: this package is copied whole into eve
     layer       `CompiledLayer`: argument checks, shape buckets, running a module
     bundle      manifest validation, path and SHA-256 checks, `load_bundle`
     cli         `run.py` / `mhagen run`
+    timing      `time_layer`: p50/p90/p99 and mean of the module alone (`run.py --bench`, `mhagen bench DIR`)
 
     layer = load_bundle("out/encoder", target="cpu")
     out = layer(query, value)              # np.ndarray (B, T, E)
@@ -19,10 +20,11 @@ from .cli import run_main
 from .devices import (PARAMETER_SCOPE, Device, driver_status, host_arch, host_cpu_features, load_module,
                       parameter_index, runtime_version)
 from .errors import BundleError, CallError, MhagenError, MhagenRuntimeError
-from .layer import CompiledLayer, expand_mask_shape, np_dtype
+from .layer import CompiledLayer, expand_mask_shape, free_dims, np_dtype
+from .timing import Timing, time_layer
 from .transfer import to_device, to_host
 
 __all__ = ["CompiledLayer", "driver_status", "load_module", "load_bundle", "Device", "to_device", "to_host",
            "MANIFEST_VERSION", "PARAMETER_SCOPE", "parameter_index", "read_manifest", "check_files",
            "check_machine", "sha256_file", "run_main", "host_arch", "host_cpu_features", "runtime_version",
-           "np_dtype", "expand_mask_shape", "MhagenError", "CallError", "MhagenRuntimeError", "BundleError"]
+           "np_dtype", "expand_mask_shape", "free_dims", "Timing", "time_layer", "MhagenError", "CallError", "MhagenRuntimeError", "BundleError"]

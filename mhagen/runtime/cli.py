@@ -122,6 +122,11 @@ def _write_outputs(destinations: Sequence[Path], arrays: Sequence[np.ndarray]) -
         folder.mkdir(parents=True, exist_ok=True)
         for dest, array in zip(destinations, arrays):
             existed = dest.exists()
+            if np.asarray(array).dtype.name == "bfloat16":
+                # NumPy has no bfloat16: saved as is, the .npy reads back as `|V2` bytes. float32
+                # holds every bfloat16 value exactly, so the output is widened and said so.
+                array = np.asarray(array).astype(np.float32)
+                print(f"{dest.name}: bfloat16 output written as float32 (exact)", file=sys.stderr)
             save_npy_atomic(dest, array)
             if not existed:
                 written.append(dest)
@@ -132,6 +137,14 @@ def _write_outputs(destinations: Sequence[Path], arrays: Sequence[np.ndarray]) -
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise
+
+
+def _bench(layer: Any, inputs: dict[str, np.ndarray] | None, repeats: int | None) -> int:
+    from .timing import DEFAULT_REPEATS, time_layer
+
+    timing = time_layer(layer, inputs, repeats=DEFAULT_REPEATS if repeats is None else repeats)
+    print(timing.summary())
+    return 0
 
 
 def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = None,
@@ -148,12 +161,24 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
                         "the first that runs here, in the order cuda, rocm, metal, vulkan, cpu, vmvx")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input: query, value, key, attention_mask or dropout_key")
-    parser.add_argument("--output", required=True,
+    parser.add_argument("--output",
                         help="FILE.npy for a single output, or a directory for output.npy (and scores.npy)")
     parser.add_argument("--allow-failed", action="store_true",
                         help="run a target even though its verify failed when the bundle was built")
+    parser.add_argument("--bench", action="store_true",
+                        help="time the module instead (p50/p90/p99 and mean, inputs on the device, as "
+                        "iree-benchmark-module does) on the --input files, else on seeded inputs of the "
+                        "declared shapes; no --output")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                        help="with --bench: the most timed calls (default 100, fewer past 10 s)")
     try:
         args = parser.parse_args(argv)
+        if args.bench and args.output is not None:
+            parser.error("--bench times the module and writes no output: drop --output")
+        if not args.bench and args.output is None:
+            parser.error("the following arguments are required: --output")
+        if args.repeats is not None and not args.bench:
+            parser.error("--repeats goes with --bench")
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
@@ -166,11 +191,14 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
             if name in inputs:
                 raise CallError(f"--input {name} is given twice")
             inputs[name] = file
-        for name in ("query", "value"):
-            if name not in inputs:
+        for name in ("query", "value"):   # --bench without any --input times seeded inputs
+            if name not in inputs and not (args.bench and not inputs):
                 raise CallError(f"Missing --input {name}=FILE.npy")
         layer = load_bundle(bundle if bundle is not None else args.bundle, args.target,
                             allow_failed=args.allow_failed)
+        if args.bench:
+            return _bench(layer, {name: read_npy(file, name) for name, file in inputs.items()} or None,
+                          args.repeats)
         names = [s.name for s in layer.outputs]
         destinations = _destinations(args.output, names)
         arrays = {name: read_npy(file, name) for name, file in inputs.items()}
@@ -187,7 +215,7 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
         return 2
     except OSError as exc:
         where = exc.filename or args.output
-        print(f"{prog}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{prog}: error: {f'{where}: ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"{prog}: error: out of memory running the bundle", file=sys.stderr)

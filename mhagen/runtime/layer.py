@@ -13,7 +13,7 @@ import numpy as np
 from .devices import _first_line, load_module
 from .errors import CallError, MhagenRuntimeError
 
-__all__ = ["CompiledLayer", "np_dtype", "expand_mask_shape"]
+__all__ = ["CompiledLayer", "np_dtype", "expand_mask_shape", "free_dims"]
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -35,6 +35,27 @@ def expand_mask_shape(shape: Sequence[int], scores_rank: int, num_axes: int) -> 
         out.insert(index, 1)
     return tuple(out)
 
+
+
+def free_dims(interface: Mapping[str, Any], name: str, shape: Sequence[int]) -> list[str]:
+    """One input's axes as text, the free ones marked: `<=N` up to a dynamic maximum, `*` a batch of
+    any size (served in chunks of the compiled one). Batch is axis 0; the sequence is axis 1, or the
+    last two axes of the mask.
+
+        free_dims(interface, "query", (8, 256, 64))   # ['<=8', '<=256', '64']
+    """
+    dims = [str(d) for d in shape]
+    if name == "dropout_key" or not dims:
+        return dims
+    dynamic = interface.get("dynamic", [])
+    if "batch" in dynamic:
+        dims[0] = f"<={interface['max_batch']}"
+    elif not interface.get("dropout"):      # dropout's random mask spans the whole batch: fixed
+        dims[0] = "*"
+    if "seq" in dynamic:
+        for axis in ((-2, -1) if name == "attention_mask" else (1,)):
+            dims[axis] = f"<={interface['max_seq']}"
+    return dims
 
 
 class CompiledLayer:
@@ -69,8 +90,12 @@ class CompiledLayer:
         return self.target["name"] if isinstance(self.target, Mapping) else self.target.name
 
     def __repr__(self) -> str:
-        sig = ", ".join(f"{t.name}{t.shape}" for t in self.inputs)
-        return f"<CompiledLayer target={self.target_name} ({sig})>"
+        """The call signature with its free axes: `<=N` up to a dynamic maximum, `*` any size."""
+        sig = ", ".join(f"{t.name}({', '.join(free_dims(self.interface, t.name, t.shape))})"
+                        for t in self.inputs)
+        chunked = not ("batch" in self.interface.get("dynamic", []) or self.interface.get("dropout"))
+        note = f"; * = any batch, run {self.inputs[0].shape[0]} at a time" if chunked else ""
+        return f"<CompiledLayer target={self.target_name} {sig}{note}>"
 
     # -- argument checking ----------------------------------------------------------------------
     def _array(self, name: str, value: Any, dtype: str) -> np.ndarray:
@@ -246,12 +271,15 @@ class CompiledLayer:
         q, v = np.asarray(query), np.asarray(value)
         k = None if key is None else np.asarray(key)
         sigs = {s.name: s for s in self.inputs}
+        seq_free = "seq" in self.interface.get("dynamic", [])   # axis 1 is checked by each chunk's call
         for name, array in (("query", q), ("value", v), ("key", k)):
             sig = sigs.get(name)
             if array is not None and sig is not None and (
-                    array.ndim != len(sig.shape) or array.shape[1:] != sig.shape[1:]):
-                pattern = ", ".join(["*", *(str(d) for d in sig.shape[1:])])
-                raise CallError(f"`{sig.name}` has shape {array.shape}, expected ({pattern}) (* = any batch)")
+                    array.ndim != len(sig.shape) or any(
+                        a != d for i, (a, d) in enumerate(zip(array.shape, sig.shape)) if i > (1 if seq_free else 0))):
+                dims = free_dims(self.interface, sig.name, sig.shape)
+                raise CallError(f"`{sig.name}` has shape {array.shape}, expected ({', '.join(dims)}) "
+                                "(* = any batch)")
         b = q.shape[0]
         for name, array in (("value", v), ("key", k)):
             if array is not None and (array.ndim < 1 or array.shape[0] != b):
@@ -260,11 +288,15 @@ class CompiledLayer:
         mask = None if attention_mask is None else np.asarray(attention_mask)
         mask_rows = False
         if mask is not None and self.interface.get("mask"):
-            rank = len(self.interface["mask"]["shape"])
-            if mask.ndim == rank and mask.shape[0] not in (1, b):
-                raise CallError(f"`attention_mask` has shape {mask.shape}: its batch {mask.shape[0]} is "
+            # Axis 0 of the mask as Keras expands it (a lower-rank mask gains unit axes) is the batch.
+            info = self.interface["mask"]
+            expanded = expand_mask_shape(mask.shape, info["scores_rank"], info["num_axes"])
+            if len(expanded) == info["scores_rank"] and expanded[0] not in (1, b):
+                raise CallError(f"`attention_mask` has shape {mask.shape}: its batch {expanded[0]} is "
                                 f"neither 1 nor the batch of `query` ({b})")
-            mask_rows = mask.ndim == rank and mask.shape[0] == b and b != 1
+            if len(expanded) == info["scores_rank"] and mask.ndim < len(expanded):
+                mask = mask.reshape(expanded)
+            mask_rows = len(expanded) == info["scores_rank"] and expanded[0] == b and b != 1
         if b == 0:
             probe = self._call_in_chunks(np.zeros((1, *q.shape[1:]), q.dtype), np.zeros((1, *v.shape[1:]), v.dtype),
                                          None if k is None else np.zeros((1, *k.shape[1:]), k.dtype),
