@@ -127,6 +127,7 @@ def test_default_query_blocks_match_oracle(name: str, monkeypatch) -> None:
     np.testing.assert_allclose(got, mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # 7-29 s each: compiles the blocked path for the CPU
 @pytest.mark.parametrize("name", ["mask_causal_window", "causal_T_gt_S"])
 def test_blocked_path_compiled_for_cpu_matches_oracle(name: str) -> None:
     import iree.runtime as rt
@@ -166,6 +167,7 @@ def test_auto_takes_blocked_path_only_where_it_is_exact() -> None:
         choose_path(make_spec(layer, long), "flash")
 
 
+@pytest.mark.slow  # 9-22 s: compiles, jits and times a spec
 def test_bench_command_writes_json(tmp_path) -> None:
     from mhagen.cli import main
 

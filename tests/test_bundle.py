@@ -162,6 +162,7 @@ def test_inline_weights(tmp_path: Path) -> None:
     np.testing.assert_allclose(mhagen.load(out, "cpu")(**inputs), _oracle(spec, inputs), atol=1e-5)
 
 
+@pytest.mark.slow  # 60-70 s: a 16-bucket module, twice
 @pytest.mark.parametrize("mode", ["parameters", "inline"])
 def test_dynamic_batch_and_seq(tmp_path: Path, mode: str) -> None:
     spec = make_spec({"num_heads": 2, "key_dim": 4, "seed": 3},
@@ -194,6 +195,7 @@ def test_dynamic_batch_and_seq(tmp_path: Path, mode: str) -> None:
     assert out.shape == (0, 5, 8) and scores.shape == (0, 2, 5, 5)
 
 
+@pytest.mark.slow  # 26 s
 def test_dynamic_cross_attention_pads_keys_under_the_mask(tmp_path: Path) -> None:
     spec = make_spec({"num_heads": 2, "key_dim": 4}, {"query": [2, 5, 8], "value": [2, 7, 6],
                                                       "dynamic": ["seq"], "max_seq": 16})
@@ -247,6 +249,7 @@ def test_concurrent_builds_into_one_directory(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared.")] == []
 
 
+@pytest.mark.slow  # 70 s: makes a virtual environment
 def test_bundle_runs_in_a_venv_with_only_runtime_and_numpy(bundle: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

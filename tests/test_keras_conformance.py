@@ -34,6 +34,9 @@ if keras.backend.backend() != "jax":
 import mhagen  # noqa: E402
 from mhagen.verify import TOLERANCES  # noqa: E402
 
+# 65 cases, each a compile and a Keras run: 80 s with a warm compile cache, out of `-m "not slow"`.
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-5  # float32 contract
 B = 2
 

@@ -5,6 +5,7 @@ windows, gate, bias), compiled for this CPU, against the oracle. Compiles are bo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +47,7 @@ def specs(draw: st.DrawFn) -> mhagen.Spec:
     return mhagen.Spec.from_dict({"layer": layer, "call": call})
 
 
+@pytest.mark.slow  # 115 s: 12 random specs compiled
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(spec=specs())
 def test_random_specs_match_oracle(spec: mhagen.Spec) -> None:

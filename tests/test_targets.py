@@ -116,6 +116,7 @@ def test_target_file_cpu_features_must_be_lists(tmp_path, monkeypatch, line: str
         all_targets()
 
 
+@pytest.mark.slow  # 50-95 s each from a cold cache: every target compiled
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
 def test_example_verify_matrix(example: str) -> None:
     """Every example: compiles for every target; passes on every target that can run here."""
