@@ -89,6 +89,9 @@ def blocked_eligible(spec: Spec) -> tuple[bool, str]:
         return False, "the spec returns the attention scores, which are the (T, S) matrix"
     if spec.has_dropout:
         return False, "dropout draws its keep-mask over the whole (T, S) matrix"
+    if spec.layer.masking == "keras2" and (spec.has_mask or spec.call.use_causal_mask
+                                           or spec.layer.sliding_window is not None):
+        return False, "tf.keras 2.x masking (masking = \"keras2\") gives a fully masked row the mean of every value"
     return True, ""
 
 

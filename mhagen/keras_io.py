@@ -114,11 +114,11 @@ def read_keras(obj: Any, *, layer: str | None = None) -> KerasLayer:
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         if path.is_dir():
-            return _from_saved_model(path, layer)
+            return _isolated(path, layer) if _tf_would_load() else _from_saved_model(path, layer)
         if not path.is_file():
             raise WeightsError(f"Keras file not found: {path}")
         if path.name.endswith(".keras"):
-            return _from_keras_archive(path, layer)
+            return _isolated(path, layer) if _tf_would_load() else _from_keras_archive(path, layer)
         if path.suffix in (".h5", ".hdf5"):
             return _pick(_h5_candidates(path), layer, str(path), _h5_model_config(path))
         raise WeightsError(f"Received an invalid value for argument `obj`, expected a .keras, "
@@ -127,13 +127,86 @@ def read_keras(obj: Any, *, layer: str | None = None) -> KerasLayer:
     return _from_live(obj, layer)
 
 
+# ---- TensorFlow kept out of this process -----------------------------------------------------------
+# Keras' load_model (and tf_keras, keras_hub) import TensorFlow when it is installed, and once
+# TensorFlow is in a process, IREE's Vulkan driver on Mesa lavapipe segfaults in its first
+# dispatch (`iree/runtime/function.py` `_invoke`; `import tensorflow` alone is enough): lavapipe's
+# libLLVM-15 binds `llvm::raw_svector_ostream::write_impl` and friends to the LLVM copy that
+# libtensorflow_framework.so.2 exports, and crashes in `initAsmInfo` (gdb backtrace). Files that
+# need Keras or tf_keras to read are therefore read in a child process, unless TensorFlow is
+# already imported here (then the caller has chosen it) or MHAGEN_KERAS_IN_PROCESS=1.
+_IN_PROCESS_ENV = "MHAGEN_KERAS_IN_PROCESS"
+
+
+def _tf_would_load() -> bool:
+    import importlib.util
+
+    if os.environ.get(_IN_PROCESS_ENV) == "1" or "tensorflow" in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _isolated(path: Path, layer: str | None) -> KerasLayer:
+    """`read_keras(path, layer=layer)` in a child process, so TensorFlow never loads here."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, _IN_PROCESS_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = "import sys; from mhagen.keras_io import _child; _child(*sys.argv[1:])"
+    with tempfile.TemporaryDirectory(prefix="mhagen-keras-") as tmp:
+        answer = Path(tmp) / "answer.pickle"
+        args = [sys.executable, "-c", code, str(answer), str(path.resolve()), *([] if layer is None else [layer])]
+        done = subprocess.run(args, capture_output=True, env=env, check=False)
+        data = answer.read_bytes() if answer.is_file() else b""
+    try:
+        status, payload = pickle.loads(data)  # our own child's answer, not the file's bytes
+    except Exception:  # noqa: BLE001 - the child died before answering
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise WeightsError(f"Reading {path} in a child process failed (exit {done.returncode}): "
+                           f"{lines[-1] if lines else 'no message'}") from None
+    if status == "error":
+        raise payload
+    return payload
+
+
+def _child(answer: str, path: str, *layer: str) -> None:
+    import pickle
+
+    try:
+        result: tuple[str, Any] = ("ok", read_keras(path, layer=layer[0] if layer else None))
+    except MhagenError as exc:
+        result = ("error", exc)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent in one line
+        result = ("error", WeightsError(f"{type(exc).__name__}: {exc}"))
+    Path(answer).write_bytes(pickle.dumps(result))
+
+
 def _pick(found: Sequence[_Candidate], name: str | None, source: str, model_config: Any = None) -> KerasLayer:
     """The one candidate `name` addresses: its full path, or a tail of it that no other path has.
     Never a guess: an ambiguous or unknown name lists every candidate path. The call sites come
     from `model_config`'s functional graph where it has one."""
     layer = _address(found, name, source)
     calls = _call_sites(model_config, layer.path) if model_config is not None else ()
+    if layer.keras2 and layer.config is not None:
+        layer = dataclasses.replace(layer, config=_keras2_config(layer.config, layer.path))
     return dataclasses.replace(layer, calls=calls) if calls else layer
+
+
+def _keras2_config(config: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A tf.keras 2.x config as a spec must read it: its masked softmax (`masking = "keras2"`).
+    Its negative attention_axes count on the projected tensor, not the input as Keras 3's do:
+    refused rather than silently moved by one axis."""
+    axes = config.get("attention_axes")
+    axes = [axes] if isinstance(axes, int) else list(axes or [])
+    if any(isinstance(a, int) and a < 0 for a in axes):
+        raise WeightsError(f"tf.keras 2.x layer `{path}` has negative attention_axes {axes}, which count on "
+                           "the projected tensor there (not the input as in Keras 3): pass --config with "
+                           "positive axes")
+    return {**config, "masking": "keras2"}
 
 
 def _address(found: Sequence[_Candidate], name: str | None, source: str) -> KerasLayer:
@@ -703,6 +776,8 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
                            f"{weights_path.name}: remove it, or write --format npz")
     found = read_keras(args.file, layer=args.layer)
     config = _clean_config(_config_arg(args.config)) or found.config
+    if config is not None and found.keras2:
+        config = _keras2_config(config, found.path)
     if config is None:
         raise SpecError(f"{args.file} holds weights only, no config for `{found.path}`: pass --config "
                         f"CONFIG.json (the layer's get_config() as JSON), or import the .keras file")
@@ -729,6 +804,8 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
           f"dtype {spec.call.dtype}")
     print(f"wrote {out}")
     print(f"wrote {weights_path}")
+    if spec.layer.masking == "keras2":
+        print('masking = "keras2": tf.keras 2.x gives a query row with every key masked the mean of the values')
     ignored = spec.ignored_keys
     if ignored:
         print(f"kept in the spec, not used for inference: {', '.join(sorted(ignored))}")

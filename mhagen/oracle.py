@@ -110,10 +110,30 @@ def reference(
     # there is gone), the row max is taken over what is left (a NaN anywhere unmasked makes
     # the whole row NaN), and masked probabilities are then *replaced* by 0 (a fully masked row,
     # uniform after the fill, becomes 0; a NaN row keeps 0 at its masked places).
-    filled = np.where(allowed, scores, _large_negative(call.dtype_policy.compute))
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(filled - filled.max(axis=-1, keepdims=True))
-        probs = np.where(allowed, e / e.sum(axis=-1, keepdims=True), 0.0)
+    if layer.masking == "keras2":
+        # tf.keras 2.x: (1 - mask) * large_negative *added* (float16.min in float16), no zeroing,
+        # so a fully masked row is softmax of nearly equal scores: about the mean of the values.
+        # The sum is rounded in the compute dtype, as tf.keras computes it: in float32 the -1e9
+        # swallows the score (its ulp is 64), so a fully masked row is uniform, not softmax(scores).
+        compute = call.dtype_policy.compute
+        if compute == "bfloat16":
+            import ml_dtypes
+
+            cdt = np.dtype(ml_dtypes.bfloat16)
+        else:
+            cdt = np.dtype(compute)
+        fill = cdt.type(-65504.0 if compute == "float16" else -1e9)
+        with np.errstate(over="ignore"):
+            masked = (scores.astype(cdt) + fill).astype(np.float64)
+        filled = np.where(allowed, scores, masked)
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
+            probs = e / e.sum(axis=-1, keepdims=True)
+    else:
+        filled = np.where(allowed, scores, _large_negative(call.dtype_policy.compute))
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
+            probs = np.where(allowed, e / e.sum(axis=-1, keepdims=True), 0.0)
 
     used = probs
     if dropout_keep is not None and layer.dropout > 0:

@@ -72,6 +72,7 @@ _LAYER_KEYS = (
     "num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape", "attention_axes",
     "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
     "activity_regularizer", "kernel_constraint", "bias_constraint", "seed", "use_gate", "sliding_window",
+    "masking",
 )
 _CALL_KEYS = (
     "query", "value", "key", "dtype", "attention_mask", "use_causal_mask", "return_attention_scores",
@@ -262,6 +263,10 @@ class LayerSpec:
     seed: int | None = None
     use_gate: bool = False
     sliding_window: int | None = None
+    # Whose masked softmax: None / "keras3" (masked scores replaced, masked probabilities zeroed:
+    # a fully masked query row gets a zero context) or "keras2" (tf.keras 2.x adds
+    # (1 - mask) * large_negative and never zeroes: such a row gets the mean of the values).
+    masking: str | None = None
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
@@ -290,6 +295,9 @@ class LayerSpec:
             # The traced masks compare int32 row and key indices with the window.
             if self.sliding_window >= 1 << 31:
                 raise invalid("sliding_window", "a positive integer below 2**31", self.sliding_window)
+        if self.masking not in (None, "keras3", "keras2"):
+            raise invalid("masking", '"keras3" (Keras 3, the default) or "keras2" (tf.keras 2.x)', self.masking)
+        put("masking", None if self.masking == "keras3" else self.masking)
 
     @staticmethod
     def _parse_output_shape(value: object) -> tuple[int, ...] | None:

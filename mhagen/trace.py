@@ -200,7 +200,12 @@ def forward(
                     band = band & (jnp.abs(rows - cols) < layer.sliding_window)
                 allowed = band if allowed is None else jnp.logical_and(allowed, band)
             softmax_axes = tuple(range(-k, 0))
-            if allowed is not None:
+            if allowed is not None and layer.masking == "keras2":
+                # tf.keras 2.x adds (1 - mask) * large_negative (float16.min) and never zeroes.
+                fill = jnp.asarray(-65504.0 if compute == jnp.float16 else -1e9, compute)
+                scores = scores + jnp.where(allowed, jnp.zeros((), compute), fill)
+                probs = jax.nn.softmax(scores, axis=softmax_axes)
+            elif allowed is not None:
                 # Keras' Softmax replaces masked scores (a NaN there is dropped, not added to) and
                 # then replaces masked probabilities by 0 (not `* mask`: 0 * NaN is NaN).
                 zero = jnp.zeros((), compute)

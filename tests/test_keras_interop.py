@@ -348,3 +348,101 @@ def test_tf_keras_call_sites(tf_keras: Any, tmp_path: Path) -> None:
     compiled = mhagen.build(spec, target="cpu", weights=load_weights_file(tmp_path / "s.npz"))
     for got, want in zip(compiled(*x), model(x)):
         np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
+# ---- tf.keras 2.x masking (point 8) -----------------------------------------------------------------
+def test_tf_keras_fully_masked_row_follows_keras2(tf_keras: Any, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """tf.keras 2.x never zeroes masked probabilities: a row with every key masked gets the mean of
+    the values. The import says so in the spec (`masking = "keras2"`); oracle and build follow it."""
+    from mhagen.blocked import choose_path
+    from mhagen.oracle import reference
+
+    k = tf_keras
+    q, v, m = k.Input((6, 16)), k.Input((4, 16)), k.Input((6, 4))
+    mha = k.layers.MultiHeadAttention(2, 4, name="mha")
+    model = k.Model([q, v, m], mha(q, v, attention_mask=m))
+    _seed_all([mha], 6)
+    model.save(tmp_path / "m.h5")
+    assert _import(tmp_path / "m.h5", tmp_path / "s.toml") == 0
+    assert 'masking = "keras2"' in capsys.readouterr().out
+    spec = mhagen.Spec.load(tmp_path / "s.toml")
+    assert spec.layer.masking == "keras2" and spec.call.attention_mask is True
+    assert 'masking = "keras2"' in spec.to_toml()
+    with pytest.raises(mhagen.SpecError, match="tf.keras 2.x masking"):
+        choose_path(spec, "blocked")
+
+    rng = np.random.default_rng(3)
+    x = [rng.standard_normal((2, 6, 16)).astype(np.float32), rng.standard_normal((2, 4, 16)).astype(np.float32)]
+    mask = (rng.random((2, 6, 4)) > 0.4).astype(np.float32)
+    mask[0, 2] = 0  # every key masked for one query row
+    mask[1, 5] = 0
+    want = model([*x, mask]).numpy()
+    weights = load_weights_file(tmp_path / "s.npz")
+    compiled = mhagen.build(spec, target="cpu", weights=weights)
+    got = np.asarray(compiled(*x, attention_mask=mask))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(reference(spec, weights, *x, attention_mask=mask), want, atol=ATOL, rtol=0)
+    # Keras 3 semantics on the same weights differ on exactly those rows (the output bias there).
+    keras3 = reference(spec.replace(layer={"masking": None}), weights, *x, attention_mask=mask)
+    assert np.abs(keras3[0, 2] - want[0, 2]).max() > 1e-2
+    np.testing.assert_allclose(keras3[0, :2], want[0, :2], atol=ATOL, rtol=0)
+
+
+def test_masking_key_is_validated_and_round_trips() -> None:
+    spec = mhagen.Spec.from_keras_config({"num_heads": 2, "key_dim": 4, "masking": "keras2"},
+                                         query_shape=(2, 4, 8), value_shape=(2, 4, 8))
+    assert mhagen.Spec.from_toml(spec.to_toml()) == spec
+    default = mhagen.Spec.from_keras_config({"num_heads": 2, "key_dim": 4, "masking": "keras3"},
+                                            query_shape=(2, 4, 8), value_shape=(2, 4, 8))
+    assert default.layer.masking is None and "masking" not in default.to_toml()
+    with pytest.raises(mhagen.SpecError, match=r"`masking`, expected \"keras3\" .* Received: masking='tf'"):
+        mhagen.Spec.from_keras_config({"num_heads": 2, "key_dim": 4, "masking": "tf"},
+                                      query_shape=(2, 4, 8), value_shape=(2, 4, 8))
+
+
+# ---- TensorFlow and Vulkan in one process (point 9) -------------------------------------------------
+def test_reading_a_keras_file_keeps_tensorflow_out_of_the_process(keras: Any, tmp_path: Path) -> None:
+    """`import tensorflow` then any IREE Vulkan dispatch segfaults under lavapipe; Keras'
+    load_model imports TensorFlow when installed. The .keras file is read in a child process, so a
+    Vulkan build after it runs."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("tensorflow") is None:  # not imported here: that is the point
+        pytest.skip("TensorFlow is not installed: nothing to keep out")
+
+    q = keras.Input((6, 16))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    keras.Model(q, mha(q, q)).save(tmp_path / "m.keras")
+    # The Vulkan probe runs in the child too: this process has TensorFlow (Keras' save imports it).
+    code = f"""
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import numpy as np, mhagen
+from mhagen.keras_io import read_keras
+found = read_keras({str(tmp_path / "m.keras")!r}, layer="mha")
+assert "tensorflow" not in sys.modules, "tensorflow was imported"
+from mhagen.targets import availability, get_target
+target = "vulkan" if availability(get_target("vulkan")).runs else "cpu"
+spec = mhagen.Spec.from_keras_config(found.config, query_shape=(2, 6, 16), value_shape=(2, 6, 16))
+compiled = mhagen.build(spec, target=target, weights=list(found.weights.values()))
+x = np.ones((2, 6, 16), np.float32)
+print("ok", target, np.asarray(compiled(x, x)).shape)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MHAGEN_KERAS_IN_PROCESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(2, 6, 16)" in done.stdout.split("ok ", 1)[-1]
+
+
+def test_child_process_errors_come_back_as_one_line(keras: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mhagen import keras_io
+
+    q = keras.Input((6, 16))
+    first, second = keras.layers.MultiHeadAttention(2, 4, name="a"), keras.layers.MultiHeadAttention(2, 4, name="b")
+    keras.Model(q, second(first(q, q), q)).save(tmp_path / "m.keras")
+    with pytest.raises(mhagen.WeightsError, match=r"one of \['a', 'b'\]. Received: layer='c'"):
+        keras_io._isolated(tmp_path / "m.keras", "c")
+    found = keras_io._isolated(tmp_path / "m.keras", "b")
+    assert found.path == "b" and found.calls == (keras_io.CallSite(),)
