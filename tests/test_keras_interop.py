@@ -58,14 +58,16 @@ def _same_weights(found: mhagen.keras_io.KerasLayer, layer: Any) -> None:
 
 
 def _reproduces(found: mhagen.keras_io.KerasLayer, call: Any, query_shape: tuple[int, ...],
-                value_shape: tuple[int, ...], config: dict[str, Any] | None = None) -> float:
-    """Build the imported layer on cpu and compare it with the source layer's own output."""
+                value_shape: tuple[int, ...], config: dict[str, Any] | None = None, *,
+                target: str = "cpu") -> float:
+    """Build the imported layer on `target` and compare it with the source layer's own output.
+    (No Vulkan here: TensorFlow is in this process, and lavapipe crashes beside it; see point 9.)"""
     spec = mhagen.Spec.from_keras_config(config or found.config, query_shape=query_shape,
                                          value_shape=value_shape)
     rng = np.random.default_rng(7)
     query = rng.standard_normal(query_shape).astype(np.float32)
     value = rng.standard_normal(value_shape).astype(np.float32)
-    compiled = mhagen.build(spec, target="cpu", weights=list(found.weights.values()))
+    compiled = mhagen.build(spec, target=target, weights=list(found.weights.values()))
     got = np.asarray(compiled(query, value))
     want = np.asarray(call(query, value))
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
@@ -230,7 +232,28 @@ def test_keras_hub_encoders_by_path(keras: Any, keras_hub: Any, tmp_path: Path, 
         _same_weights(found, layer)
     found = read_keras(source, layer="enc2/self_attention_layer")
     config = found.config or inner[1].get_config()
-    assert _reproduces(found, lambda q, v: inner[1](q, v), (2, 6, 16), (2, 6, 16), config) < ATOL
+    target = "vmvx" if file == "live" else "cpu"
+    assert _reproduces(found, lambda q, v: inner[1](q, v), (2, 6, 16), (2, 6, 16), config, target=target) < ATOL
+
+
+def test_keras_hub_decoder_self_and_cross_attention(keras: Any, keras_hub: Any, tmp_path: Path) -> None:
+    """TransformerDecoder holds two CachedMultiHeadAttention layers; each is reached by its path."""
+    x, context = keras.Input((6, 16)), keras.Input((4, 16))
+    dec = keras_hub.layers.TransformerDecoder(32, 2, name="dec")
+    model = keras.Model([x, context], dec(x, context))
+    inner = {"self_attention": dec._self_attention_layer, "cross_attention": dec._cross_attention_layer}
+    _seed_all(list(inner.values()), 8)
+    model.save(tmp_path / "m.keras")
+    with pytest.raises(mhagen.WeightsError, match=r"holds 2 MultiHeadAttention layers "
+                                                  r"\['dec/self_attention', 'dec/cross_attention'\]"):
+        read_keras(tmp_path / "m.keras")
+    for name, layer in inner.items():
+        found = read_keras(tmp_path / "m.keras", layer=name)  # an unambiguous tail
+        assert found.path == f"dec/{name}"
+        _same_weights(found, layer)
+    found = read_keras(tmp_path / "m.keras", layer="dec/cross_attention")
+    cross = inner["cross_attention"]
+    assert _reproduces(found, lambda q, v: cross(q, v), (2, 6, 16), (2, 4, 16)) < ATOL
 
 
 # ---- one-line refusals from the CLI -----------------------------------------------------------------
@@ -379,9 +402,10 @@ def test_tf_keras_fully_masked_row_follows_keras2(tf_keras: Any, tmp_path: Path,
     mask[1, 5] = 0
     want = model([*x, mask]).numpy()
     weights = load_weights_file(tmp_path / "s.npz")
-    compiled = mhagen.build(spec, target="cpu", weights=weights)
-    got = np.asarray(compiled(*x, attention_mask=mask))
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    for target in ("cpu", "vmvx"):
+        compiled = mhagen.build(spec, target=target, weights=weights)
+        got = np.asarray(compiled(*x, attention_mask=mask))
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=target)
     np.testing.assert_allclose(reference(spec, weights, *x, attention_mask=mask), want, atol=ATOL, rtol=0)
     # Keras 3 semantics on the same weights differ on exactly those rows (the output bias there).
     keras3 = reference(spec.replace(layer={"masking": None}), weights, *x, attention_mask=mask)
