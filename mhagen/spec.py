@@ -736,6 +736,10 @@ def _geometry(layer: LayerSpec, call: CallSpec) -> Geometry:
     if call.training and layer.dropout > 0 and call.dynamic:
         raise SpecError("training with dropout and a dynamic shape cannot be combined: the dropout "
                         "key must cover a fixed shape")
+    if layer.masking == "keras2" and "seq" in call.dynamic and call.attention_mask is not False:
+        # A fully masked row averages every value under tf.keras 2.x, padded keys included.
+        raise SpecError('masking = "keras2" with an attention_mask cannot have a dynamic seq: a query row '
+                        "with every key masked averages every value, the padding's too")
     output_dims = layer.output_shape if layer.output_shape is not None else (q[-1],)
     geo = Geometry(
         rank=rank, attention_axes=axes, batch_axes=batch_axes, num_heads=layer.num_heads,

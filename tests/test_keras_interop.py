@@ -470,3 +470,12 @@ def test_child_process_errors_come_back_as_one_line(keras: Any, tmp_path: Path, 
         keras_io._isolated(tmp_path / "m.keras", "c")
     found = keras_io._isolated(tmp_path / "m.keras", "b")
     assert found.path == "b" and found.calls == (keras_io.CallSite(),)
+
+
+def test_keras2_masking_with_a_mask_refuses_dynamic_seq() -> None:
+    config = {"num_heads": 2, "key_dim": 4, "masking": "keras2"}
+    with pytest.raises(mhagen.SpecError, match='masking = "keras2" with an attention_mask cannot have a dynamic seq'):
+        mhagen.Spec.from_dict({"layer": config, "call": {
+            "query": [2, 4, 8], "value": [2, 4, 8], "attention_mask": True, "dynamic": ["seq"], "max_seq": 16}})
+    mhagen.Spec.from_dict({"layer": config, "call": {  # no mask: padding is all the masking there is
+        "query": [2, 4, 8], "value": [2, 4, 8], "dynamic": ["seq"], "max_seq": 16}})
