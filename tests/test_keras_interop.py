@@ -479,3 +479,17 @@ def test_keras2_masking_with_a_mask_refuses_dynamic_seq() -> None:
             "query": [2, 4, 8], "value": [2, 4, 8], "attention_mask": True, "dynamic": ["seq"], "max_seq": 16}})
     mhagen.Spec.from_dict({"layer": config, "call": {  # no mask: padding is all the masking there is
         "query": [2, 4, 8], "value": [2, 4, 8], "dynamic": ["seq"], "max_seq": 16}})
+
+
+def test_saved_model_directory_without_tf_keras_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Point 6 without TensorFlow installed: a directory holding saved_model.pb is named as a
+    SavedModel and refused in one line (it used to be "Keras file not found")."""
+    monkeypatch.setitem(sys.modules, "tf_keras", None)
+    monkeypatch.setenv("MHAGEN_KERAS_IN_PROCESS", "1")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "saved_model.pb").write_bytes(b"")
+    assert main(["import-keras", str(tmp_path / "saved"), "--query-shape", "2,6,16", "--value-shape", "2,6,16",
+                 "--out", str(tmp_path / "s.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a TF SavedModel directory: reading it needs TensorFlow and tf_keras" in err
