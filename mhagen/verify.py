@@ -219,13 +219,26 @@ def shape_checks(spec: Spec) -> tuple[list[ShapeCheck], str]:
     from .trace import buckets
 
     declared = spec.geometry.query_shape[0]
+    mask = spec.call.attention_mask
+    # A declared mask that broadcasts over the batch (size 1 there after Keras' expansion) is the
+    # only kind the layer takes: keep it for other batch sizes.
+    shaped = not isinstance(mask, bool) and mask is not None
+    batchless = shaped and _mask_batch(spec, mask) == 1
+
+    def mask_at(batch: int) -> Any:
+        """The declared mask's shape at another batch (None: `at_size`'s default)."""
+        if not shaped:
+            return None
+        return tuple(mask) if batchless else (batch, *tuple(mask)[1:])
+
     if not spec.call.dynamic:
         if spec.has_dropout:
             return [ShapeCheck(spec)], "the declared shape only: dropout fixes the batch"
         checks = [ShapeCheck(spec)]
         if declared != 1:
-            checks.append(ShapeCheck(spec.at_size(1), "in chunks", rows=declared))
-        checks.append(ShapeCheck(spec.at_size(declared + 3), "in chunks", rows=declared))
+            checks.append(ShapeCheck(spec.at_size(1, attention_mask=mask_at(1)), "in chunks", rows=declared))
+        checks.append(ShapeCheck(spec.at_size(declared + 3, attention_mask=mask_at(declared + 3)),
+                                 "in chunks", rows=declared))
         return checks, (f"the declared batch{'' if declared == 1 else ', batch 1'} and batch {declared}+3, "
                         f"in chunks of {declared}")
     sizes = buckets(spec)
@@ -254,6 +267,14 @@ def shape_checks(spec: Spec) -> tuple[list[ShapeCheck], str]:
     return checks, what
 
 
+def _mask_batch(spec: Spec, shape: Any) -> int:
+    """The size a mask of `shape` has on the batch axis after Keras' expansion to the scores' rank."""
+    from .runtime import expand_mask_shape
+
+    g = spec.geometry
+    return expand_mask_shape(tuple(shape), len(g.scores_shape), len(g.attention_axes))[0]
+
+
 def _expected_by_rows(check: ShapeCheck, weights: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The oracle's answer, `check.rows` batch rows at a time where set: a batch past the compiled one
     then needs no more oracle memory than the declared shape (which the budget was checked for)."""
@@ -264,7 +285,9 @@ def _expected_by_rows(check: ShapeCheck, weights: Any, inputs: dict[str, np.ndar
     parts = []
     for start in range(0, batch, rows):
         n = min(rows, batch - start)
-        part = {k: v if k == "dropout_key" else v[start:start + n] for k, v in inputs.items()}
+        part = {k: v[start:start + n] if k in ("query", "value", "key") or (
+                    k == "attention_mask" and _mask_batch(check.spec, v.shape) != 1) else v
+                for k, v in inputs.items()}
         parts.append(expected_outputs(check.spec.at_size(n), weights, part))
     return [np.concatenate(p, axis=0) for p in zip(*parts)]
 

@@ -224,7 +224,7 @@ def _cli_cases(root: Path, d: Path) -> dict[str, tuple[list[str], str]]:
         "spec_missing": (["verify", str(d / "nope.toml")], "Spec file not found"),
         "spec_directory": (["verify", str(d / "spec_dir")], "Cannot read spec file"),
         "weights_missing": (["verify", spec, "--weights", str(d / "nope.npz")], "Weights file not found"),
-        "weights_directory": (["verify", spec, "--weights", str(d / "w_dir.npz")], "Weights file not found"),
+        "weights_directory": (["verify", spec, "--weights", str(d / "w_dir.npz")], "is a directory"),
         "json_in_missing_folder": (["verify", spec, "--target", "cpu", "--json", str(d / "no" / "r.json")],
                                    "No such file or directory"),
         "json_is_directory": (["verify", spec, "--target", "cpu", "--json", str(d / "json_dir")],

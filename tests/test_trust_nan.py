@@ -254,3 +254,21 @@ def test_blocked_path_skips_values_no_query_can_see(keras_mod: Any, layer_args: 
     assert np.isnan(_keras_call(keras_mod, spec, ws, x)[0]).all()
     assert np.isnan(_oracle(spec, ws, x)[0]).all()
     assert np.isfinite(layer(**x)).all()
+
+
+def test_api_build_verifies_by_default(monkeypatch) -> None:
+    """`mhagen.build` checks the layer against the oracle: a disagreement is a `VerifyError`,
+    and only `verify=False` hands back an unchecked layer (which says so)."""
+    import mhagen
+    import mhagen.verify as verify_mod
+
+    spec = mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 4},
+                                  "call": {"query": [2, 3, 8], "value": [2, 5, 8]}})
+    layer = mhagen.build(spec, target="cpu")
+    assert layer.verified is True
+    real = verify_mod.expected_outputs
+    monkeypatch.setattr(verify_mod, "expected_outputs", lambda *a, **k: [x + 1.0 for x in real(*a, **k)])
+    with pytest.raises(mhagen.VerifyError, match=r"disagrees with the NumPy oracle: query \(2, 3, 8\)"):
+        mhagen.build(spec, target="cpu")
+    unchecked = mhagen.build(spec, target="cpu", verify=False)
+    assert unchecked.verified is False

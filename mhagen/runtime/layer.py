@@ -84,6 +84,7 @@ class CompiledLayer:
         self._device, (self._context, self._table) = load_module(vmfb, driver, parameters=parameters)
         self._counter = 0
         self._lock = threading.Lock()
+        self.verified = False            # set by `mhagen.build` once the oracle agreed
 
     @property
     def target_name(self) -> str:
