@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import TargetError
 from .runtime import host_arch, host_cpu_features
+from .runtime.devices import subgroup_mismatch
 
 __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flags", "stated_flags",
            "host_arch",
@@ -27,7 +28,7 @@ __all__ = ["Target", "all_targets", "get_target", "parse_targets", "compile_flag
 
 _KEYS = {"name", "description", "backend", "driver", "flags", "arch", "dtypes", "refused",
          "cpu_features", "device_hint", "tuning_spec", "dtype_cpu_features",
-         "tuning_spec_cpu_features"}
+         "tuning_spec_cpu_features", "subgroup_sizes"}
 _BACKENDS = ("llvm-cpu", "vmvx", "vulkan-spirv", "cuda", "rocm", "metal-spirv")
 
 
@@ -58,6 +59,9 @@ class Target:
     tuning_spec_cpu_features: tuple[str, ...] = ()  # host targets: use the spec only on these CPUs
     # dtype -> CPU features the building host must have for that dtype (arch = "host" targets)
     dtype_cpu_features: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # GPU targets: the subgroup sizes (lanes) the compiled code assumes; it runs only on devices whose
+    # subgroups are one of them (IREE does not ask the driver for the size it compiled for)
+    subgroup_sizes: tuple[int, ...] = ()
     source: str = field(default="", compare=False)
 
     @property
@@ -82,6 +86,8 @@ class Target:
         out = {"name": self.name, "description": self.description, "backend": self.backend,
                "driver": self.driver, "flags": list(self.flags), "arch": self.arch,
                "dtypes": list(self.dtypes)}
+        if self.subgroup_sizes:
+            out["subgroup_sizes"] = list(self.subgroup_sizes)
         if self.active_tuning_spec:
             spec = Path(self.active_tuning_spec)
             out["tuning_spec"] = spec.name
@@ -122,6 +128,11 @@ def _load(path: Path) -> Target:
         raise TargetError(f"Target file {path}: `dtype_cpu_features` must map dtype names to lists "
                           f"of CPU feature names, e.g. {{ bfloat16 = [\"avx512_bf16\"] }}")
     needs = {dtype: _features(path, f"dtype_cpu_features.{dtype}", v) for dtype, v in needs.items()}
+    lanes = data.get("subgroup_sizes", [])
+    if not isinstance(lanes, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                              for n in lanes):
+        raise TargetError(f"Target file {path}: `subgroup_sizes` must be a list of positive integers "
+                          f"(lanes), e.g. [32]; got {lanes!r}")
     return Target(
         name=data["name"], description=data.get("description", ""), backend=data["backend"],
         driver=data["driver"], flags=tuple(data.get("flags", ())), arch=data.get("arch", "any"),
@@ -132,6 +143,7 @@ def _load(path: Path) -> Target:
         dtype_cpu_features=tuple(sorted(needs.items())),
         tuning_spec_cpu_features=_features(path, "tuning_spec_cpu_features",
                                            data.get("tuning_spec_cpu_features", [])),
+        subgroup_sizes=tuple(lanes),
     )
 
 
@@ -275,8 +287,11 @@ def availability(target: Target) -> Availability:
     if missing:
         return Availability(compiles, compile_reason, False, f"this CPU lacks {', '.join(missing)}")
     ok, reason = driver_status(target.driver)
+    mismatch = subgroup_mismatch(target.subgroup_sizes, target.driver) if ok else None
+    if mismatch:
+        return Availability(compiles, compile_reason, False, mismatch)
     if ok and target.device_hint and target.device_hint.lower() not in reason.lower():
-        # The profile's SPIR-V runs on any Vulkan device with its features (lavapipe included);
-        # it is only tuned for the hinted GPUs.
+        # The profile's SPIR-V runs on any Vulkan device with its features and subgroup sizes
+        # (lavapipe included, where it needs none); it is only tuned for the hinted GPUs.
         reason = f"{reason}; code tuned for {target.device_hint} GPUs"
     return Availability(compiles, compile_reason, ok, reason)

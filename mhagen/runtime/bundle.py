@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .devices import host_arch, host_cpu_features, parameter_index, runtime_version
+from .devices import host_arch, host_cpu_features, parameter_index, runtime_version, subgroup_mismatch
 from .errors import BundleError
 from .layer import CompiledLayer
 
@@ -214,6 +214,9 @@ def validate_manifest(manifest: Any) -> list[str]:
             features = t.get("cpu_features", [])
             p.need(isinstance(features, list) and all(isinstance(f, str) for f in features),
                    f"{w}.cpu_features", "a list of strings", features)
+            lanes = t.get("subgroup_sizes", [])
+            p.need(isinstance(lanes, list) and all(_is_int(n) and n > 0 for n in lanes),
+                   f"{w}.subgroup_sizes", "a list of positive integers", lanes)
             p.need(isinstance(t.get("verify", {}), dict), f"{w}.verify", "an object", t.get("verify"))
             p.need(isinstance(t.get("runnable", True), bool), f"{w}.runnable", "true or false", t.get("runnable"))
             built_on = t.get("built_on", {})
@@ -304,7 +307,7 @@ def check_files(bundle: Path, manifest: Mapping[str, Any], names: Sequence[str] 
 
 
 def check_machine(target: Mapping[str, Any]) -> None:
-    """Refuse a module built for another CPU, or a runtime of another IREE version."""
+    """Refuse a module built for another CPU, or GPU code built for subgroups this device lacks."""
     arch = target.get("arch", "any")
     host = host_arch()
     if arch == "host":
@@ -317,6 +320,9 @@ def check_machine(target: Mapping[str, Any]) -> None:
         raise BundleError(f"target `{target['name']}` was compiled for a CPU with "
                           f"{', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}, which this CPU lacks; "
                           "use a portable target such as cpu-x86_64")
+    mismatch = subgroup_mismatch(target.get("subgroup_sizes", []), str(target.get("driver", "")))
+    if mismatch:
+        raise BundleError(f"target `{target['name']}` cannot run here: {mismatch}")
 
 
 def verify_failed(target: Mapping[str, Any]) -> bool:

@@ -7,7 +7,7 @@ import functools
 import platform
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from .errors import MhagenRuntimeError
 from .transfer import to_device, to_host
 
 __all__ = ["driver_status", "Device", "parameter_index", "load_module", "host_arch", "host_cpu_features",
-           "runtime_version", "PARAMETER_SCOPE"]
+           "runtime_version", "subgroup_sizes", "subgroup_mismatch", "PARAMETER_SCOPE"]
 
 PARAMETER_SCOPE = "model"
 
@@ -42,6 +42,53 @@ def driver_status(driver: str) -> tuple[bool, str]:
     if not devices:
         return False, f"`{driver}` driver found no device"
     return True, str(devices[0].get("name", driver))
+
+
+@functools.lru_cache(maxsize=None)
+def subgroup_sizes(driver: str) -> tuple[int, ...] | None:
+    """The subgroup sizes (lanes) the first device of a GPU driver may run compute shaders with, as
+    IREE's device dump reports them: Vulkan's `subgroupSize`, and every power of two from
+    `minSubgroupSize` to `maxSubgroupSize`. None where the dump does not say (CPU drivers, no device).
+    Mesa's lavapipe on a 256-bit CPU: (8,)."""
+    if driver in ("local-task", "local-sync") or not driver_status(driver)[0]:
+        return None
+    import iree.runtime as rt
+
+    try:
+        hal_driver = rt.get_driver(driver)
+        info = hal_driver.dump_device_info(hal_driver.query_available_devices()[0]["device_id"])
+    except Exception:  # noqa: BLE001 - no dump, no answer
+        return None
+    line = re.search(r"^subgroup: size=(\d+)(.*)$", str(info), re.M)
+    if not line:
+        return None
+    size = int(line.group(1))
+    low = re.search(r"minSubgroupSize=(\d+)", line.group(2))
+    high = re.search(r"maxSubgroupSize=(\d+)", line.group(2))
+    sizes, lanes = {size}, int(low.group(1)) if low else size
+    while lanes <= (int(high.group(1)) if high else size):
+        sizes.add(lanes)
+        lanes *= 2
+    return tuple(sorted(sizes))
+
+
+def subgroup_mismatch(required: Sequence[int], driver: str) -> str | None:
+    """Why code compiled for subgroups of `required` lanes cannot run on `driver`'s device, or None.
+
+    IREE's SPIR-V for a GPU profile (Vulkan `ampere`: 32 lanes) reduces across one subgroup of the
+    profile's size without asking the driver for that size; on a device with smaller subgroups the
+    reduction covers only part of the row (lavapipe's 8 lanes: a softmax over 32 keys summed 8;
+    reports/iree-vulkan-subgroup-size)."""
+    have = subgroup_sizes(driver)
+    if not required or have is None or set(have) <= set(required):
+        return None
+    return (f"its code needs {_lanes(required)} subgroups; this `{driver}` device has {_lanes(have)} ones: "
+            f"{driver_status(driver)[1]}")
+
+
+def _lanes(sizes: Sequence[int]) -> str:
+    """(32, 64) -> '32- or 64-lane'."""
+    return "- or ".join(map(str, sizes)) + "-lane"
 
 
 def _first_line(exc: BaseException) -> str:
