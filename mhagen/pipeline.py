@@ -11,9 +11,10 @@ from typing import Any
 
 from .budget import check as check_budget
 from .compile import check_dtype, compile_program
+from .errors import TargetError
 from .runtime import CompiledLayer, parameter_index
 from .spec import Spec
-from .targets import Target, get_target
+from .targets import Target, availability, get_target
 from .trace import WeightsMode, trace
 from .weights import normalize_weights, weight_names
 
@@ -48,6 +49,10 @@ def build(
     spec = as_spec(spec)
     tgt = get_target(target)
     check_dtype(tgt, spec.call.dtype_policy.compute)
+    avail = availability(tgt)
+    if not avail.runs:     # e.g. a GPU profile whose subgroup size this device does not have
+        raise TargetError(f"Target `{tgt.name}` cannot run on this machine: {avail.run_reason}; "
+                          "`mhagen build --out DIR` compiles it into a bundle for a machine that can")
     check_budget(spec, weights_mode=weights_mode, verify=verify)
     ws = normalize_weights(spec, weights)
     program = trace(spec, ws, weights_mode=weights_mode)
