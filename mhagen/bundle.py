@@ -21,10 +21,11 @@ held for the whole build, so nothing but the bundle itself is ever left beside D
 assembled in `.DIR.staging.PID.XXXXXXXX` beside DIR (same filesystem, for the rename) and swapped in
 with Linux's `renameat2(RENAME_EXCHANGE)`, so DIR is at every moment the old or the new complete
 bundle; the old one is removed after. Where the exchange is unavailable (no glibc 2.28, a filesystem
-without it) the swap is two renames, DIR -> `.DIR.old.PID.XXXXXXXX` then staging -> DIR. Whoever holds
-the lock knows that every `.DIR.staging.*` / `.DIR.old.*` belongs to a killed build: the next build
-(or `mhagen reweight`) of the same DIR first moves an orphaned old bundle back when DIR is missing,
-then removes the rest (the stray `.DIR.lock` files of earlier mhagen versions included). OS errors
+without it) the swap is two renames, DIR -> `.DIR.old.PID.XXXXXXXX` then staging -> DIR. A build
+writes each staging/old name into its lock file before creating it, and a lock file that outlives
+its build (killed) tells the next build (or `mhagen reweight`) of the same DIR exactly what to undo:
+it moves an orphaned old bundle back when DIR is missing, then removes the rest. Names it did not
+record, or that another user owns, are never touched, however much they look like its own. OS errors
 (read-only folder, full disk, a path through a file) are one `BundleError` line naming the path
 and the cause, with the staging folder and any parent folders this build created removed.
 
@@ -153,6 +154,10 @@ def _foreign(out: Path, *, force: bool, need_bundle: bool = False) -> str | None
         data = None
     if not isinstance(data, dict) or data.get("format") != "mhagen-bundle":
         return "it is a folder that is not an mhagen bundle (its manifest.json is not mhagen's)"
+    from .runtime.bundle import validate_manifest
+
+    if validate_manifest(data):
+        return "it is a folder whose manifest.json is not a valid mhagen manifest"
     extra = _unlisted(out, set(data["files"]) if isinstance(data.get("files"), dict) else set())
     if extra:
         return (f"it is an mhagen bundle that holds files mhagen did not write: "
@@ -165,8 +170,8 @@ def _unlisted(out: Path, listed: set[str], limit: int = 4) -> list[str]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(out):
         rel_dir = Path(dirpath).relative_to(out)
-        if "__pycache__" in rel_dir.parts:
-            continue
+        if "__pycache__" in rel_dir.parts:    # Python's bytecode cache, and nothing else
+            filenames = [n for n in filenames if not n.endswith(".pyc")]
         links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for name in sorted(filenames + links):
             rel = (rel_dir / name).as_posix()
@@ -200,7 +205,7 @@ def _lock_path(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(out: Path, progress: bool) -> Iterator[None]:
+def _locked(out: Path, progress: bool) -> Iterator[Any]:
     """Hold the lock of `out`; the lock file is removed on release, so none piles up.
 
     A waiter that wakes on a file its holder has just removed sees a different inode at the path
@@ -224,17 +229,35 @@ def _locked(out: Path, progress: bool) -> Iterator[None]:
             break
         handle.close()
     try:
-        yield
+        yield handle
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
         handle.close()
 
 
-def _tidy(out: Path) -> None:
-    """Under the lock: undo what killed builds left beside `out` (every staging/old is theirs)."""
+def _recorded(handle: Any) -> list[str]:
+    """The staging/old names a killed holder of this lock wrote into it before creating them."""
+    handle.seek(0)
+    return [line.strip() for line in handle.read().splitlines() if line.strip()]
+
+
+def _record(handle: Any, name: str) -> None:
+    """Note `name` in the lock file before creating it, so only what a build made is ever undone."""
+    handle.seek(0, os.SEEK_END)
+    handle.write(name + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _tidy(out: Path, recorded: list[str]) -> None:
+    """Under the lock: undo what killed builds left beside `out`: only the names they recorded in
+    the lock before creating them, owned by this user; a look-alike name is never touched."""
     pattern = _litter_pattern(out.name)
-    litter = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name)),
+    uid = os.getuid()
+    litter = sorted((out.parent / n for n in set(recorded)
+                     if "/" not in n and pattern.fullmatch(n) and os.path.lexists(out.parent / n)
+                     and (out.parent / n).lstat().st_uid == uid),
                     key=lambda p: p.lstat().st_mtime_ns, reverse=True)
     if not os.path.lexists(out):   # killed between the two renames: the old bundle goes back
         for old in (p for p in litter if ".old." in p.name):
@@ -334,9 +357,11 @@ def _claimed(out: str | Path, *, force: bool, need_bundle: bool = False,
     created = _make_parents(out.parent, out)
     staging = None
     try:
-        with _locked(out, progress):
+        with _locked(out, progress) as lock:
             try:
-                _tidy(out)
+                _tidy(out, _recorded(lock))
+                lock.seek(0)
+                lock.truncate()
             except OSError as exc:
                 raise _os_error(out, exc) from None
             _pause("locked")   # and tidied
@@ -345,6 +370,7 @@ def _claimed(out: str | Path, *, force: bool, need_bundle: bool = False,
                 raise refuse(why)
             try:
                 staging = out.parent / _litter_name(out, "staging")
+                _record(lock, staging.name)
                 staging.mkdir()
                 staging.chmod(0o755)   # readable by all, as the bundle it becomes
             except OSError as exc:
@@ -355,7 +381,7 @@ def _claimed(out: str | Path, *, force: bool, need_bundle: bool = False,
             yield out, staging
             _pause("before-swap")
             try:
-                _swap_in(staging, out)
+                _swap_in(staging, out, lambda name: _record(lock, name))
             except OSError as exc:
                 raise BundleError(f"Cannot write the bundle to {out}: cannot swap the new bundle in "
                                   f"({exc.strerror or exc})") from None
@@ -399,7 +425,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _swap_in(staging: Path, out: Path) -> None:
+def _swap_in(staging: Path, out: Path, record: Any) -> None:
     """Put the finished staging folder at `out`; `out` is never missing where RENAME_EXCHANGE works."""
     if not os.path.lexists(out):
         os.rename(staging, out)
@@ -409,6 +435,7 @@ def _swap_in(staging: Path, out: Path) -> None:
         _remove(staging, pause_at="removing-old")   # the staging name now holds the old bundle
         return
     old = out.parent / _litter_name(out, "old")
+    record(old.name)
     os.rename(out, old)   # under the lock: a killed build's old bundle is moved back by the next one
     _pause("between-renames")
     os.rename(staging, out)

@@ -190,12 +190,18 @@ def _write_text_atomic(path: Path, text: str) -> None:
     import os
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -277,6 +283,7 @@ _CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _interrupt_on_termination()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -317,6 +324,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mhagen: internal error: {type(exc).__name__}: {_one_line(str(exc))[:200]} "
               "(a bug in mhagen: rerun with -v for the traceback and report it)", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (timeout, CI cancellation, systemd, docker stop) end a command as Ctrl-C
+    does: what it was writing is removed, one line is printed, the exit code is 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, interrupt)
+        except (ValueError, OSError):
+            pass
 
 
 def _one_line(text: str) -> str:

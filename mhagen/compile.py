@@ -167,9 +167,12 @@ def _discard(path: Path, key: str, why: str) -> None:
 def compile_timeout() -> float:
     value = os.environ.get("MHAGEN_COMPILE_TIMEOUT", "")
     try:
-        return float(value) if value else DEFAULT_TIMEOUT_S
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise MhagenError(f"MHAGEN_COMPILE_TIMEOUT must be a number of seconds; got {value!r}") from None
+        seconds = float("nan")
+    if not (0 < seconds < 10**7):       # also NaN and inf: a limit must be a real time
+        raise MhagenError(f"MHAGEN_COMPILE_TIMEOUT must be a number of seconds; got {value!r}")
+    return seconds
 
 
 def _run_compiler(text: str, target: Target, flags: list[str]) -> bytes:

@@ -106,8 +106,8 @@ def _features(path: Path, key: str, value: Any) -> tuple[str, ...]:
 def _load(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise TargetError(f"Target file {path} is unreadable: {exc}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise TargetError(f"Target file {path} is unreadable: {str(exc).splitlines()[0][:160]}") from None
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise TargetError(f"Target file {path}: unknown key(s) {unknown}; expected some of {sorted(_KEYS)}")

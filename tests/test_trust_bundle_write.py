@@ -457,3 +457,22 @@ def test_invalid_output_refused(case: str, spec_file: Path, tmp_path: Path, immu
         for mount in mounted:
             subprocess.run(["umount", str(mount)], capture_output=True)
 
+
+
+def test_look_alike_names_and_caches_are_never_touched(tmp_path: Path) -> None:
+    """Only what a killed build recorded in its lock is undone: a user's folder named like mhagen's
+    staging or old bundle stays, and so does a user's file in a bundle's __pycache__ (refused)."""
+    from mhagen.cli import main
+
+    spec = tmp_path / "s.toml"
+    spec.write_text("[layer]\nnum_heads = 2\nkey_dim = 4\n[call]\nquery = [2, 3, 8]\nvalue = [2, 5, 8]\n")
+    (tmp_path / ".b.old.12345678").mkdir()
+    (tmp_path / ".b.old.12345678" / "mydata.txt").write_text("mine")
+    (tmp_path / ".b.staging.1.abcdefgh").write_text("mine too")
+    assert main(["build", str(spec), "--target", "cpu", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / ".b.old.12345678" / "mydata.txt").read_text() == "mine"
+    assert (tmp_path / ".b.staging.1.abcdefgh").read_text() == "mine too"
+    (tmp_path / "b" / "__pycache__").mkdir()
+    (tmp_path / "b" / "__pycache__" / "thesis.docx").write_text("mine")
+    assert main(["build", str(spec), "--target", "cpu", "--out", str(tmp_path / "b")]) == 2
+    assert (tmp_path / "b" / "__pycache__" / "thesis.docx").read_text() == "mine"

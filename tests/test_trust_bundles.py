@@ -313,3 +313,40 @@ def test_target_auto_takes_the_first_runnable_target(bundles, tmp_path: Path, ca
     _set("targets.1.verify", {"status": "FAIL", "passed": False})(b, other)
     with pytest.raises(mhagen.BundleError, match="no target of this bundle runs on this machine"):
         mhagen.load(b, target="auto")
+
+
+def _plant(rel: str, text: str) -> Callable[[Path, Path], None]:
+    def mutate(b: Path, other: Path) -> None:
+        (b / rel).parent.mkdir(parents=True, exist_ok=True)
+        (b / rel).write_text(text)
+    return mutate
+
+
+CODE_CASES = {
+    "shadow_numpy_py": (_plant("numpy.py", "print('PWNED')\nraise SystemExit(0)\n"), "numpy.py is code"),
+    "shadow_hashlib_py": (_plant("hashlib.py", "print('PWNED')\n"), "hashlib.py is code"),
+    "forged_pyc": (_plant("mhagen_runtime/__pycache__/errors.cpython-311.pyc", "x"), "errors.cpython-311.pyc is code"),
+    "extra_runtime_module": (_plant("mhagen_runtime/evil.py", "print('PWNED')\n"), "mhagen_runtime/evil.py is code"),
+    "pth_file": (_plant("x.pth", "import os\n"), "x.pth is code"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CODE_CASES))
+def test_planted_code_is_refused_and_never_runs(case: str, bundles, tmp_path: Path, capsys) -> None:
+    """Code the manifest does not list: refused by load and `mhagen run`; the bundle's own run.py
+    never imports it (its folder is off the import path and no bytecode is read)."""
+    import subprocess
+    import sys
+
+    good, other, root = bundles
+    b = tmp_path / "bundle"
+    shutil.copytree(good, b)
+    mutate, needle = CODE_CASES[case]
+    mutate(b, other)
+    refuses(["run", str(b), "--input", f"query={root / 'q.npy'}", "--input", f"value={root / 'v.npy'}",
+             "--output", str(tmp_path / "o.npy")], capsys, needle=needle, watch=[b])
+    proc = subprocess.run([sys.executable, str(b / "run.py"), "--target", "cpu", "--input", f"query={root / 'q.npy'}",
+                           "--input", f"value={root / 'v.npy'}", "--output", str(tmp_path / "o.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert "PWNED" not in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr

@@ -306,6 +306,24 @@ def check_files(bundle: Path, manifest: Mapping[str, Any], names: Sequence[str] 
                               "(truncated or modified); rebuild the bundle")
 
 
+# Files Python would import or execute from a bundle folder (run.py puts none of its folder on the
+# import path and reads no bytecode, but a user's `sys.path.insert(0, bundle)` would).
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".pth")
+
+
+def check_no_code_added(bundle: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse a bundle holding Python code or native libraries its manifest does not list."""
+    listed = set(manifest["files"])
+    for dirpath, dirnames, filenames in os.walk(bundle):
+        rel_dir = Path(dirpath).relative_to(bundle)
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+        for name in filenames:
+            rel = (rel_dir / name).as_posix()
+            if name.endswith(_CODE_SUFFIXES) and rel not in listed:
+                raise BundleError(f"{bundle}: {rel} is code the manifest does not list; "
+                                  "remove it (a bundle runs only the code it was built with)")
+
+
 def check_machine(target: Mapping[str, Any]) -> None:
     """Refuse a module built for another CPU, or GPU code built for subgroups this device lacks."""
     arch = target.get("arch", "any")
@@ -394,6 +412,7 @@ def load_bundle(bundle: str | Path, target: str = "cpu", *, verify_hashes: bool 
     check_machine(tgt)
     if verify_hashes:
         check_files(bundle, manifest)
+        check_no_code_added(bundle, manifest)
     # The module is read once and checked in memory, so what runs is what was hashed.
     vmfb = read_bundle_file(bundle, tgt["module"])
     entry = manifest["files"][tgt["module"]]

@@ -93,7 +93,14 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 def _destinations(output: str, names: Sequence[str]) -> list[Path]:
     """`--output FILE.npy` for a single output, else `--output DIR` holding NAME.npy per output."""
+    if not output.strip():
+        raise CallError("--output is empty; give FILE.npy or a directory")
     out = Path(output)
+    folder = out.parent if out.suffix == ".npy" else out
+    for place in (folder, *folder.resolve().parents):
+        if (place / "manifest.json").is_file() and (place / "mhagen_runtime").is_dir():
+            raise CallError(f"--output {output} is inside the bundle {place}, whose files are hashed; "
+                            "write the outputs somewhere else")
     if out.suffix == ".npy":
         if len(names) > 1:
             raise CallError(f"--output {output} names one .npy file, but this bundle returns "

@@ -82,6 +82,12 @@ class CompiledLayer:
         self._functions = sorted(interface["functions"], key=lambda f: (f.get("batch") or 0, f.get("seq") or 0))
         driver = target["driver"] if isinstance(target, Mapping) else target.driver
         self._device, (self._context, self._table) = load_module(vmfb, driver, parameters=parameters)
+        for fn in self._functions:        # an interface naming what the module lacks is corrupt
+            try:
+                self._table[fn["name"]]
+            except (KeyError, AttributeError, RuntimeError, ValueError):
+                raise MhagenRuntimeError(f"the module has no function `{fn['name']}` that its interface "
+                                         "names (a corrupt or mismatched interface)") from None
         self._counter = 0
         self._lock = threading.Lock()
         self.verified = False            # set by `mhagen.build` once the oracle agreed
