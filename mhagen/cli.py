@@ -157,18 +157,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import run_main
 
-    argv = [args.bundle, "--target", args.target]
-    if args.output is not None:
-        argv += ["--output", args.output]
-    for item in args.input:
-        argv += ["--input", item]
-    if args.allow_failed:
-        argv.append("--allow-failed")
-    if args.bench:
-        argv.append("--bench")
-    if args.repeats is not None:
-        argv += ["--repeats", str(args.repeats)]
-    return run_main(argv, prog="mhagen run")
+    return run_main(args.args, prog="mhagen run")
 
 
 def _check_writable(path: Path, option: str) -> None:
@@ -253,18 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("run", help="run a bundle on .npy inputs (as the bundle's run.py does)")
-    p.add_argument("bundle", help="bundle directory written by `mhagen build`")
-    p.add_argument("--target", default="cpu", help="target in the bundle (default cpu)")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                   help="an input: query, value, key, attention_mask or dropout_key")
-    p.add_argument("--output",
-                   help="FILE.npy for a single output, or a directory for output.npy (and scores.npy)")
-    p.add_argument("--allow-failed", action="store_true",
-                   help="run a target even though its verify failed when the bundle was built")
-    p.add_argument("--bench", action="store_true",
-                   help="time the module instead, as `mhagen bench DIR` does; no --output")
-    p.add_argument("--repeats", type=int, metavar="N", help="with --bench: the most timed calls")
+    # `mhagen run` is the bundle's own `run.py` with the bundle as first argument: one parser, the runtime's.
+    p = sub.add_parser("run", help="run a bundle on .npy inputs (as the bundle's run.py does); "
+                       "`mhagen run --help` lists its options", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("targets", help="list targets: whether each compiles and runs here")
@@ -284,6 +265,12 @@ _CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight")
 
 def main(argv: Sequence[str] | None = None) -> int:
     _interrupt_on_termination()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "run" and all(a in ("-v", "--verbose") for a in argv[:first]):
+        from .runtime import run_main       # `mhagen run ...` is run.py's own parser, --help included
+
+        return run_main(argv[first + 1:], prog="mhagen run")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
