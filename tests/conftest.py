@@ -65,3 +65,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     process is idle, and it stays after the layers and the device cache are gone), which slowed
     every test after the first Vulkan one; at the end they only slow each other."""
     items.sort(key=_opens_vulkan)
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras 3 on JAX (skipped where Keras is not installed or runs another backend)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"these tests run Keras on JAX; KERAS_BACKEND is {keras.backend.backend()}")
+    return keras

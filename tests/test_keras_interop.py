@@ -29,14 +29,6 @@ ATOL = 1e-5  # float32 on cpu; the issue measured <= 7.2e-7 across these layers
 
 
 @pytest.fixture(scope="module")
-def keras() -> Any:
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"these tests run Keras on JAX; KERAS_BACKEND is {keras.backend.backend()}")
-    return keras
-
-
-@pytest.fixture(scope="module")
 def tf_keras() -> Any:
     return pytest.importorskip("tf_keras", reason="tf_keras (tf.keras 2.x) is not installed")
 

@@ -22,14 +22,6 @@ from mhagen.weights_io import load_weights_file
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
-@pytest.fixture(scope="module")
-def keras() -> Any:
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"these tests run Keras on JAX; KERAS_BACKEND is {keras.backend.backend()}")
-    return keras
-
-
 def _seeded(layer: Any, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     layer.set_weights([(0.3 * rng.standard_normal(w.shape)).astype(np.float32) for w in layer.get_weights()])

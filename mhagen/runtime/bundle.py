@@ -410,14 +410,15 @@ def load_bundle(bundle: str | Path, target: str = "cpu", *, verify_hashes: bool 
         raise BundleError(f"{bundle} was compiled by IREE {built}; this runtime is iree-base-runtime {have} "
                           f"(install iree-base-runtime=={'.'.join(built.split('.')[:2])}.*)")
     check_machine(tgt)
-    if verify_hashes:
-        check_files(bundle, manifest)
+    if verify_hashes:   # every listed file but the module, which is checked below as read
+        check_files(bundle, manifest, [n for n in manifest["files"] if n != tgt["module"]])
         check_no_code_added(bundle, manifest)
     # The module is read once and checked in memory, so what runs is what was hashed.
     vmfb = read_bundle_file(bundle, tgt["module"])
     entry = manifest["files"][tgt["module"]]
     if verify_hashes and (len(vmfb) != entry["size"] or hashlib.sha256(vmfb).hexdigest() != entry["sha256"]):
-        raise BundleError(f"{bundle}: {tgt['module']} changed while it was being loaded; rebuild the bundle")
+        raise BundleError(f"{bundle}: {tgt['module']} does not match its SHA-256 in manifest.json "
+                          "(truncated or modified); rebuild the bundle")
     parameters = None
     if manifest.get("weights"):
         rel = manifest["weights"]["file"]
