@@ -17,7 +17,7 @@ import numpy as np
 from .errors import CallError
 from .spec import Spec
 
-__all__ = ["reference"]
+__all__ = ["reference", "reference_step"]
 
 
 def _names(use_bias: bool, use_gate: bool) -> list[str]:
@@ -32,6 +32,39 @@ def _float64(x: Any) -> np.ndarray:
 def _large_negative(compute_dtype: str) -> float:
     """Keras' `_large_negative_number`: the fill of masked scores before the softmax."""
     return -3e4 if compute_dtype == "float16" else -1e9
+
+
+def _masked_softmax(scores: np.ndarray, allowed: np.ndarray, masking: str, compute: str) -> np.ndarray:
+    """Keras' Softmax over the last axis with a boolean mask of the same shape."""
+    # Keras' Softmax: masked scores are *replaced* by a large negative number (so a NaN score
+    # there is gone), the row max is taken over what is left (a NaN anywhere unmasked makes
+    # the whole row NaN), and masked probabilities are then *replaced* by 0 (a fully masked row,
+    # uniform after the fill, becomes 0; a NaN row keeps 0 at its masked places).
+    if masking == "keras2":
+        # tf.keras 2.x: (1 - mask) * large_negative *added* (float16.min in float16), no zeroing,
+        # so a fully masked row is softmax of nearly equal scores: about the mean of the values.
+        # The sum is rounded in the compute dtype, as tf.keras computes it: in float32 the -1e9
+        # swallows the score (its ulp is 64), so a fully masked row is uniform, not softmax(scores).
+        if compute == "bfloat16":
+            import ml_dtypes
+
+            cdt = np.dtype(ml_dtypes.bfloat16)
+        else:
+            cdt = np.dtype(compute)
+        fill = cdt.type(-65504.0 if compute == "float16" else -1e9)
+        with np.errstate(over="ignore"):
+            masked = (scores.astype(cdt) + fill).astype(np.float64)
+        filled = np.where(allowed, scores, masked)
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
+            probs = e / e.sum(axis=-1, keepdims=True)
+    else:
+        filled = np.where(allowed, scores, _large_negative(compute))
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
+            probs = np.where(allowed, e / e.sum(axis=-1, keepdims=True), 0.0)
+
+    return probs
 
 
 def reference(
@@ -106,34 +139,7 @@ def reference(
         allowed &= band
     allowed = allowed.reshape(scores.shape)
 
-    # Keras' Softmax: masked scores are *replaced* by a large negative number (so a NaN score
-    # there is gone), the row max is taken over what is left (a NaN anywhere unmasked makes
-    # the whole row NaN), and masked probabilities are then *replaced* by 0 (a fully masked row,
-    # uniform after the fill, becomes 0; a NaN row keeps 0 at its masked places).
-    if layer.masking == "keras2":
-        # tf.keras 2.x: (1 - mask) * large_negative *added* (float16.min in float16), no zeroing,
-        # so a fully masked row is softmax of nearly equal scores: about the mean of the values.
-        # The sum is rounded in the compute dtype, as tf.keras computes it: in float32 the -1e9
-        # swallows the score (its ulp is 64), so a fully masked row is uniform, not softmax(scores).
-        compute = call.dtype_policy.compute
-        if compute == "bfloat16":
-            import ml_dtypes
-
-            cdt = np.dtype(ml_dtypes.bfloat16)
-        else:
-            cdt = np.dtype(compute)
-        fill = cdt.type(-65504.0 if compute == "float16" else -1e9)
-        with np.errstate(over="ignore"):
-            masked = (scores.astype(cdt) + fill).astype(np.float64)
-        filled = np.where(allowed, scores, masked)
-        with np.errstate(invalid="ignore", over="ignore"):
-            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
-            probs = e / e.sum(axis=-1, keepdims=True)
-    else:
-        filled = np.where(allowed, scores, _large_negative(call.dtype_policy.compute))
-        with np.errstate(invalid="ignore", over="ignore"):
-            e = np.exp(filled - filled.max(axis=-1, keepdims=True))
-            probs = np.where(allowed, e / e.sum(axis=-1, keepdims=True), 0.0)
+    probs = _masked_softmax(scores, allowed, layer.masking, call.dtype_policy.compute)
 
     used = probs
     if dropout_keep is not None and layer.dropout > 0:
@@ -150,3 +156,60 @@ def reference(
     if call.return_attention_scores:
         return out, probs.reshape(full)
     return out
+
+
+def reference_step(
+    spec: Spec,
+    weights: Sequence[Any] | Mapping[str, Any],
+    cache: Any,
+    index: int,
+    query: Any,
+    value: Any,
+    key: Any = None,
+    attention_mask: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One decoder step in float64, as keras_hub's CachedMultiHeadAttention computes it: the t new
+    tokens' projected keys and values are written into `cache` (B, 2, S, N, H) at `index`, and
+    token j attends to cache positions 0 .. index + j (and those its `(B, t, S)` mask allows).
+    Returns (output (B, t, E), the new cache); `cache` itself is not changed.
+    """
+    layer = spec.layer
+    names = _names(layer.use_bias, layer.use_gate)
+    w = ({n: _float64(weights[n]) for n in names} if isinstance(weights, Mapping)
+         else dict(zip(names, (_float64(a) for a in weights))))
+    q, v = _float64(query), _float64(value)
+    k = v if key is None else _float64(key)
+    cache = _float64(cache).copy()
+    t, S = q.shape[1], cache.shape[2]
+    if index < 0 or index + t > S:
+        raise CallError(f"a step of {t} token(s) at index {index} does not fit the cache length {S}")
+
+    def project(x: np.ndarray, name: str) -> np.ndarray:        # (B, t, D) -> (B, t, N, H)
+        out = np.tensordot(x, w[f"{name}/kernel"], axes=([-1], [0]))
+        return out + w[f"{name}/bias"] if layer.use_bias else out
+
+    cache[:, 0, index:index + t] = project(k, "key")
+    cache[:, 1, index:index + t] = project(v, "value")
+    qh = (project(q, "query") / np.sqrt(layer.key_dim)).transpose(0, 2, 1, 3)    # (B, N, t, H)
+    kh = cache[:, 0].transpose(0, 2, 1, 3)                                        # (B, N, S, H)
+    vh = cache[:, 1].transpose(0, 2, 1, 3)
+    scores = qh @ np.swapaxes(kh, -1, -2)                                         # (B, N, t, S)
+    position = index + np.arange(t)[:, None]
+    col = np.arange(S)[None, :]
+    allowed = col <= position
+    if layer.sliding_window is not None:
+        allowed &= np.abs(position - col) < layer.sliding_window
+    allowed = np.broadcast_to(allowed, scores.shape).copy()
+    if attention_mask is not None:
+        allowed &= (np.asarray(attention_mask) != 0)[:, None, :, :]
+    # Keys past every query's position take no part: a zero (or any) value there is never read.
+    seen = int(index + t)
+    probs = _masked_softmax(scores[..., :seen], allowed[..., :seen], layer.masking,
+                            spec.call.dtype_policy.compute)
+    context = (probs @ vh[:, :, :seen]).transpose(0, 2, 1, 3)                    # (B, t, N, H)
+    if layer.use_gate:
+        context = context * (1.0 / (1.0 + np.exp(-project(q, "gate"))))
+    out = np.tensordot(context, w["attention_output/kernel"], axes=([-2, -1], [0, 1]))
+    if layer.use_bias:
+        out = out + w["attention_output/bias"]
+    return out, cache

@@ -52,6 +52,9 @@ class Entry:
     module_text: str
     arg_types: tuple[str, ...]       # runtime inputs only
     result_types: tuple[str, ...]
+    # (argument, result): the argument's buffer is the result's storage (IREE's `iree.abi.output`),
+    # so the caller's device buffer is updated in place (a decoder's KV cache).
+    output_args: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,10 @@ def assemble(entries: Sequence[Entry], weights: Sequence[tuple[str, np.ndarray]]
     functions = []
     for n, entry in enumerate(entries):
         body, impl = _body(entry.module_text, f"f{n}_")
-        args = [{"ssa": f"a{i}", "type": t} for i, t in enumerate(entry.arg_types)]
+        outputs = dict(entry.output_args)
+        args = [{"ssa": f"a{i}", "type": t,
+                 "attrs": f" {{iree.abi.output = {outputs[i]} : index}}" if i in outputs else ""}
+                for i, t in enumerate(entry.arg_types)]
         functions.append({
             "name": entry.name, "body": body, "impl": impl, "args": args,
             "results": list(entry.result_types),

@@ -76,7 +76,7 @@ _LAYER_KEYS = (
 )
 _CALL_KEYS = (
     "query", "value", "key", "dtype", "attention_mask", "use_causal_mask", "return_attention_scores",
-    "training", "dynamic", "max_batch", "max_seq",
+    "training", "dynamic", "max_batch", "max_seq", "cache_max_length",
 )
 DYNAMIC_DIMS = ("batch", "seq")
 
@@ -335,6 +335,10 @@ class CallSpec:
     `attention_mask` is False (no mask input), True (a boolean input shaped like the scores without
     the heads axis, (B, T, S) for 3-D inputs) or an explicit shape such as (B, N, T, S).
     `dynamic` names the dims a bundle serves at any size up to `max_batch` / `max_seq`.
+    `cache_max_length = S` asks for a decoder build of a self-attention layer: besides the whole
+    call, entry points that extend a key/value cache `(B, 2, S, N, H)` held on the device (see
+    `mhagen.decode`); `query` `(B, T, E)` then names the batch and the longest chunk of new tokens
+    one call takes.
     """
 
     query: tuple[int, ...]
@@ -348,9 +352,12 @@ class CallSpec:
     dynamic: tuple[str, ...] = ()
     max_batch: int | None = None
     max_seq: int | None = None
+    cache_max_length: int | None = None
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
+        if self.cache_max_length is not None:
+            put("cache_max_length", _positive_int("cache_max_length", self.cache_max_length))
         put("query", _shape("query", self.query, min_rank=3))
         put("value", _shape("value", self.value, min_rank=3))
         if self.key is not None:
@@ -545,8 +552,12 @@ class Spec:
         use_causal_mask: bool = False,
         return_attention_scores: bool = False,
         training: bool = False,
+        cache_max_length: int | None = None,
     ) -> "Spec":
         """Build a spec from `layer.get_config()` of a Keras 3 MultiHeadAttention, unchanged.
+
+        `cache_max_length=S` makes it a decoder build (keras_hub's CachedMultiHeadAttention with a
+        `(B, 2, S, N, H)` cache; the call is then causal self-attention).
 
         `dtype=None` takes the config's own dtype policy (a name, or a serialized DTypePolicy),
         else float32. Keys that do not change inference are kept in `spec.keras`.
@@ -574,7 +585,7 @@ class Spec:
             key=None if key_shape is None else tuple(key_shape), dtype=dtype,
             attention_mask=attention_mask if isinstance(attention_mask, bool) else tuple(attention_mask),
             use_causal_mask=use_causal_mask, return_attention_scores=return_attention_scores,
-            training=training,
+            training=training, cache_max_length=cache_max_length,
         )
         return cls(layer=layer, call=call, keras=extras)
 
@@ -641,6 +652,17 @@ class Spec:
     @property
     def has_key(self) -> bool:
         return self.call.key is not None
+
+    @property
+    def is_decoder(self) -> bool:
+        """A decoder build: prefill and decode entry points over a device-held KV cache."""
+        return self.call.cache_max_length is not None
+
+    @property
+    def cache_shape(self) -> tuple[int, ...]:
+        """Keras' (keras_hub's) cache layout `(B, 2, S, N, H)`: keys, then values, projected."""
+        g = self.geometry
+        return (g.query_shape[0], 2, self.call.cache_max_length or 0, g.num_heads, g.key_dim)
 
     @property
     def ignored_keys(self) -> dict[str, Any]:
@@ -759,6 +781,8 @@ def _geometry(layer: LayerSpec, call: CallSpec) -> Geometry:
                           f"mask expansion (e.g. {geo.full_mask_shape})", list(mask_shape))
     if call.dynamic:
         _check_dynamic(call, geo, mask_shape)
+    if call.cache_max_length is not None:
+        _check_decoder(layer, call, geo, mask_shape)
     geo = dataclasses.replace(geo, mask_shape=mask_shape)
     _check_sizes(geo, layer, call)
     return geo
@@ -814,6 +838,39 @@ def _check_initializer_ranges(layer: LayerSpec, call: CallSpec) -> None:
             raise invalid(f"{name}.{arg}", f"a value whose draws fit the weights' dtype {dtype} (they "
                           f"reach {reach:.3g}, past its largest {largest:.5g})",
                           config.get(arg, _INITIALIZER_DEFAULTS[arg]))
+
+
+def _check_decoder(layer: LayerSpec, call: CallSpec, geo: Geometry,
+                   mask_shape: tuple[int, ...] | None) -> None:
+    """A decoder build (`cache_max_length`) is causal self-attention over 3-D tokens whose keys and
+    values fit one `(B, 2, S, N, H)` cache, as keras_hub's CachedMultiHeadAttention holds them."""
+    S = call.cache_max_length
+    what = "`cache_max_length` (a decoder build)"
+    if geo.rank != 3 or geo.attention_axes != (1,):
+        raise SpecError(f"{what} needs 3-D inputs (B, T, E) attending over axis 1; received "
+                        f"query={list(call.query)}, attention_axes={list(geo.attention_axes)}")
+    if geo.key_dim != geo.value_dim:
+        raise invalid("value_dim", f"the key_dim {geo.key_dim} under {what}: the cache stacks keys and "
+                      "values in one (B, 2, S, N, H) tensor, as keras_hub does", geo.value_dim)
+    if geo.value_shape[:2] != geo.query_shape[:2]:
+        raise SpecError(f"{what} is self-attention: `value` must hold the same tokens as `query` "
+                        f"(same batch and length). Received: query={list(call.query)}, "
+                        f"value={list(call.value)}")
+    if not call.use_causal_mask:
+        raise SpecError(f"{what} decodes causally: set [call] use_causal_mask = true, so the whole-"
+                        "sequence call computes what prefill and decode steps compute")
+    if geo.query_shape[1] > S:  # type: ignore[operator]
+        raise invalid("cache_max_length", f"at least the chunk length T = {geo.query_shape[1]} of `query`",
+                      S)
+    for flag, reason in ((call.return_attention_scores, "return_attention_scores (the scores of a step "
+                          "span the cache)"), (call.training and layer.dropout > 0, "training with dropout"),
+                         (bool(call.dynamic), "`dynamic` (the cache fixes the batch; a step takes any "
+                          "number of tokens up to T)"), (layer.masking == "keras2", 'masking = "keras2"')):
+        if flag:
+            raise SpecError(f"{what} cannot be combined with {reason}")
+    if mask_shape is not None and mask_shape != geo.full_mask_shape:
+        raise SpecError(f"{what} takes its padding mask as `attention_mask = true` ((B, t, S) in a step, "
+                        f"{geo.full_mask_shape} in the whole call); received {list(mask_shape)}")
 
 
 def _check_dynamic(call: CallSpec, geo: Geometry, mask_shape: tuple[int, ...] | None) -> None:

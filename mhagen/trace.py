@@ -374,7 +374,7 @@ def trace(
         functions.append({"name": name, "batch": batch, "seq": seq,
                           "inputs": [t.to_dict() for t in inputs],
                           "outputs": [t.to_dict() for t in outputs]})
-        if mode is WeightsMode.INLINE and not spec.call.dynamic:
+        if mode is WeightsMode.INLINE and not spec.call.dynamic and not spec.is_decoder:
             consts = [np.asarray(a) for a in ws]
             text = _export(lambda *xs: fn(*xs, *consts), avals)
             return Program(text=text, inputs=tuple(input_signature(spec)),
@@ -384,7 +384,19 @@ def trace(
         entries.append(Entry(name, _export(fn, avals),
                              tuple(mlir_type(t.shape, t.dtype) for t in inputs),
                              tuple(mlir_type(t.shape, t.dtype) for t in outputs)))
+    iface = interface(spec, functions)
+    if spec.is_decoder:
+        from .decode import decoder_interface, step_function, step_inputs, step_outputs, step_sizes
+
+        for step in step_sizes(spec):
+            inputs, outputs = step_inputs(spec, step), step_outputs(spec, step)
+            avals = [jax.ShapeDtypeStruct(t.shape, _jax_dtype(t.dtype)) for t in (*inputs, *weight_sigs)]
+            entries.append(Entry(step.name, _export(step_function(spec, step), avals),
+                                 tuple(mlir_type(t.shape, t.dtype) for t in inputs),
+                                 tuple(mlir_type(t.shape, t.dtype) for t in outputs),
+                                 output_args=((len(inputs) - 1, 1),)))
+        iface["decoder"] = decoder_interface(spec)
     text = assemble(entries, list(zip(names, ws)), parameters=mode is WeightsMode.PARAMETERS,
                     description=f"{len(entries)} entry point(s), weights {mode.value}")
     return Program(text=text, inputs=tuple(input_signature(spec)), outputs=tuple(output_signature(spec)),
-                   weights=weight_sigs, weights_mode=mode, interface=interface(spec, functions))
+                   weights=weight_sigs, weights_mode=mode, interface=iface)

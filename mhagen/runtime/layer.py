@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .decoder import DecoderMixin
 from .devices import _first_line, load_module
 from .errors import CallError, MhagenRuntimeError
 
@@ -58,7 +59,7 @@ def free_dims(interface: Mapping[str, Any], name: str, shape: Sequence[int]) -> 
     return dims
 
 
-class CompiledLayer:
+class CompiledLayer(DecoderMixin):
     """A compiled, loaded attention layer. Call it like the Keras layer, with NumPy arrays.
 
     `layer(query, value, key=None, attention_mask=None, *, dropout_key=None)` returns the output
@@ -67,6 +68,7 @@ class CompiledLayer:
     call draws the key `[seed, counter]` as Keras' SeedGenerator does, unless `dropout_key` is given.
 
     `interface` is the call description a bundle's manifest holds (see `mhagen.trace.interface`).
+    A decoder build also has `prefill`, `decode` and `decoder` (`mhagen.runtime.decoder`).
     """
 
     def __init__(self, interface: Mapping[str, Any], vmfb: bytes, target: Any, *, stablehlo: str = "",
@@ -82,7 +84,8 @@ class CompiledLayer:
         self._functions = sorted(interface["functions"], key=lambda f: (f.get("batch") or 0, f.get("seq") or 0))
         driver = target["driver"] if isinstance(target, Mapping) else target.driver
         self._device, (self._context, self._table) = load_module(vmfb, driver, parameters=parameters)
-        for fn in self._functions:        # an interface naming what the module lacks is corrupt
+        steps = (interface.get("decoder") or {}).get("steps", [])
+        for fn in [*self._functions, *steps]:   # an interface naming what the module lacks is corrupt
             try:
                 self._table[fn["name"]]
             except (KeyError, AttributeError, RuntimeError, ValueError):
