@@ -187,6 +187,10 @@ def step_function(spec: Spec, step: Step) -> Callable[..., Any]:
         ctx = jnp.where(empty, jnp.zeros((), compute), ctx / jnp.where(empty, 1, denom[..., None]))
         context = jnp.transpose(ctx, (0, 2, 1, 3))                               # (B, t, N, H)
         if layer.use_gate:
+            # As in `trace.forward`: keep the gate out of the dispatch that sums the denominators
+            # (IREE 3.13's SPIR-V code reads them there across invocations without a barrier:
+            # reports/iree-spirv-reduction-transpose-race; a 3-token gated step was off by 1.3).
+            context = lax.optimization_barrier(context)
             context = context * jax.nn.sigmoid(dense(query, "gate", qkv_eq))
         return dense(context, "attention_output", out_eq), cache
 

@@ -35,6 +35,8 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20
 INPUT_NAMES = ("query", "value", "key", "attention_mask", "dropout_key")
 OUTPUT_NAMES = ("output", "scores")
+STEP_INPUT_NAMES = ("query", "value", "key", "attention_mask", "index", "count", "cache")
+STEP_OUTPUT_NAMES = ("output", "cache")
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int8", "uint8", "bool", "uint32")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -264,7 +266,36 @@ def validate_manifest(manifest: Any) -> list[str]:
                    "an unsigned 32-bit integer", dropout.get("seed"))
         p.need(iface.get("compute_dtype") in DTYPES, "interface.compute_dtype", f"one of {', '.join(DTYPES)}",
                iface.get("compute_dtype"))
+        decoder = _optional_dict(p, iface, "decoder", "interface.decoder")
+        if decoder is not None:
+            _validate_decoder(p, decoder)
     return p
+
+
+def _validate_decoder(p: _Problems, d: dict) -> None:
+    """A decoder build's cache and step entry points (`mhagen.decode.decoder_interface`)."""
+    shape = d.get("cache_shape")
+    p.need(_shape_ok(shape) and len(shape) == 5 and all(n >= 1 for n in shape) and shape[1] == 2,
+           "interface.decoder.cache_shape", "(B, 2, S, N, H) as positive integers", shape)
+    p.need(d.get("dtype") in DTYPES, "interface.decoder.dtype", f"one of {', '.join(DTYPES)}", d.get("dtype"))
+    p.need(_is_int(d.get("chunk")) and d["chunk"] >= 1, "interface.decoder.chunk", "a positive integer",
+           d.get("chunk"))
+    for key in ("mask", "key"):
+        p.need(isinstance(d.get(key), bool), f"interface.decoder.{key}", "true or false", d.get(key))
+    steps = d.get("steps")
+    if not p.need(isinstance(steps, list) and bool(steps), "interface.decoder.steps", "a non-empty list", steps):
+        return
+    for i, step in enumerate(steps):
+        w = f"interface.decoder.steps[{i}]"
+        if not p.need(isinstance(step, dict), w, "an object", step):
+            continue
+        p.need(isinstance(step.get("name"), str) and bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                                                   step.get("name", ""))),
+               f"{w}.name", "a function name", step.get("name"))
+        for key in ("t", "length"):
+            p.need(_is_int(step.get(key)) and step[key] >= 1, f"{w}.{key}", "a positive integer", step.get(key))
+        _sigs(p, step.get("inputs"), f"{w}.inputs", STEP_INPUT_NAMES)
+        _sigs(p, step.get("outputs"), f"{w}.outputs", STEP_OUTPUT_NAMES)
 
 
 def read_manifest(bundle: str | Path) -> dict[str, Any]:
