@@ -649,7 +649,8 @@ def _readme_context(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     return {"where": where, "where_sh": shlex.quote(where), "where_py": json.dumps(where),
             "inputs": dims(interface["inputs"]), "outputs": outputs, "free_axes": _free_axes(interface),
             "example_lines": lines, "run_inputs": run_inputs, "iree_inputs": iree_inputs,
-            "iree_function": largest["name"], "checked": _checked_text(manifest)}
+            "iree_function": largest["name"], "checked": _checked_text(manifest),
+            "decoder": interface.get("decoder")}
 
 
 def _free_axes(interface: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from .trace import input_signature
 
 __all__ = ["TOLERANCES", "Tolerance", "Comparison", "compare", "random_inputs", "dropout_keep_mask",
            "tolerance", "TargetResult", "verify_matrix", "expected_outputs", "check_outputs", "ShapeCheck",
-           "shape_checks", "check_layer"]
+           "shape_checks", "check_layer", "check_decoder", "decode_plan"]
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,58 @@ def check_layer(layer: Any, checks: list[ShapeCheck], weights: Any, *, seed: int
         name = f"query {tuple(check.spec.geometry.query_shape)}: outputs"
         tol = tolerance(check.spec)
         out += [compare(g, e, tol=tol, name=f"{name}[{j}]") for j, (g, e) in enumerate(zip(got, cache[i]))]
+    if checks and checks[0].spec.is_decoder and (getattr(layer, "interface", None) or {}).get("decoder"):
+        out += check_decoder(layer, checks[0].spec, weights, seed=seed)
     return out
+
+
+def decode_plan(spec: Spec) -> list[tuple[int, int]]:
+    """The (index, tokens) calls a decoder build is verified with: a prefill of T + 1 tokens (a
+    whole chunk and a single step), one token, several tokens, and one token at the last position S - 1
+    (the longest cache read; the positions skipped hold the zeros of a fresh cache)."""
+    S, T = spec.call.cache_max_length, spec.geometry.query_shape[1]
+    assert S is not None
+    plan, at = [], 0
+    for n in (min(T + 1, S), 1, 3):
+        n = min(n, S - 1 - at)
+        if n >= 1:
+            plan.append((at, n))
+            at += n
+    if at <= S - 1:
+        plan.append((S - 1, 1))
+    return plan
+
+
+def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> list[Comparison]:
+    """Prefill then decode steps (`decode_plan`) on seeded tokens, each step's output and the final
+    cache compared with the oracle's `reference_step` (in float64, from the same cache)."""
+    from .oracle import reference_step
+    from .weights import normalize_weights
+
+    ws = normalize_weights(spec, weights)
+    g = spec.geometry
+    B, S = g.query_shape[0], spec.call.cache_max_length
+    rng = np.random.default_rng(seed + 7919)
+    tol = tolerance(spec)
+    expected_cache = np.zeros(spec.cache_shape)
+    cache = None
+    out = []
+    for at, n in decode_plan(spec):
+        tokens = {"query": rng.standard_normal((B, n, g.query_shape[-1])).astype(np.float32),
+                  "value": rng.standard_normal((B, n, g.value_shape[-1])).astype(np.float32)}
+        if spec.has_key:
+            tokens["key"] = rng.standard_normal((B, n, g.key_shape[-1])).astype(np.float32)
+        mask = (rng.random((B, n, S)) < 0.8) if spec.has_mask else None
+        want, expected_cache = reference_step(spec, ws, expected_cache, at, **tokens, attention_mask=mask)
+        if cache is None:
+            got, cache = layer.prefill(**tokens, attention_mask=mask)
+        else:
+            got, cache = layer.decode(**tokens, attention_mask=mask, cache=cache, index=at)
+        out.append(compare(got, want, tol=tol, name=f"decode {n} token(s) at index {at}: output"))
+    if cache is not None:
+        out.append(compare(np.asarray(cache), expected_cache, tol=tol, name="decode: cache"))
+    return out
+
 
 
 def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: int = 0,

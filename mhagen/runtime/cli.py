@@ -154,6 +154,32 @@ def _bench(layer: Any, inputs: dict[str, np.ndarray] | None, repeats: int | None
     return 0
 
 
+def _generate(layer: Any, arrays: dict[str, np.ndarray], steps: int, tokens: np.ndarray | None
+              ) -> list[np.ndarray]:
+    """Prefill the prompt, then `steps` single-token decode steps; returns [outputs (B, T0+steps, E),
+    the cache (B, 2, S, N, H)]."""
+    if "dropout_key" in arrays:
+        raise CallError("--decode takes no dropout_key (a decoder build does not train)")
+    if "attention_mask" in arrays:
+        raise CallError("--decode runs causally without a padding mask; drop --input attention_mask")
+    if tokens is not None and (tokens.ndim != 3 or tokens.shape[1] != steps):
+        raise CallError(f"--tokens has shape {tokens.shape}, expected (B, {steps}, E): one token per step")
+    out, cache = layer.prefill(arrays["query"], arrays["value"], arrays.get("key"))
+    outs = [out]
+    token = out[:, -1:]
+    for i in range(steps):
+        if tokens is not None:
+            token = tokens[:, i:i + 1]
+        elif token.shape[-1] != arrays["query"].shape[-1]:
+            raise CallError(f"--decode without --tokens feeds each output back as the next token, but "
+                            f"outputs have {token.shape[-1]} features and queries {arrays['query'].shape[-1]}; "
+                            "give --tokens FILE.npy")
+        out, cache = layer.decode(token, token, cache=cache)
+        outs.append(out)
+        token = out
+    return [np.concatenate(outs, axis=1), np.asarray(cache)]
+
+
 def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = None,
              prog: str = "run.py") -> int:
     """`run.py` / `mhagen run`: load a bundle target, feed .npy inputs, write .npy outputs.
@@ -178,6 +204,12 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
                         "declared shapes; no --output")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="with --bench: the most timed calls (default 100, fewer past 10 s)")
+    parser.add_argument("--decode", type=int, default=None, metavar="N",
+                        help="a decoder bundle: the inputs are the prompt (prefill), then N decode steps of "
+                        "one token each, from --tokens, else each step's output fed back as the next "
+                        "token; writes output.npy (every token's output) and cache.npy (B, 2, S, N, H)")
+    parser.add_argument("--tokens", metavar="FILE.npy", default=None,
+                        help="with --decode: the tokens (B, N, E) decoded one at a time after the prompt")
     try:
         args = parser.parse_args(argv)
         if args.bench and args.output is not None:
@@ -186,6 +218,10 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
             parser.error("the following arguments are required: --output")
         if args.repeats is not None and not args.bench:
             parser.error("--repeats goes with --bench")
+        if args.decode is not None and (args.decode < 0 or args.bench):
+            parser.error("--decode takes a number of steps >= 0 and does not go with --bench")
+        if args.tokens is not None and args.decode is None:
+            parser.error("--tokens goes with --decode N")
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
@@ -206,13 +242,19 @@ def run_main(argv: Sequence[str] | None = None, *, bundle: str | Path | None = N
         if args.bench:
             return _bench(layer, {name: read_npy(file, name) for name, file in inputs.items()} or None,
                           args.repeats)
-        names = [s.name for s in layer.outputs]
-        destinations = _destinations(args.output, names)
         arrays = {name: read_npy(file, name) for name, file in inputs.items()}
         started = time.perf_counter()
-        result = layer(**arrays)
+        if args.decode is not None:
+            names = ["output", "cache"]
+            destinations = _destinations(args.output, names)
+            tokens = None if args.tokens is None else read_npy(args.tokens, "tokens")
+            outs = _generate(layer, arrays, args.decode, tokens)
+        else:
+            names = [s.name for s in layer.outputs]
+            destinations = _destinations(args.output, names)
+            result = layer(**arrays)
+            outs = list(result) if isinstance(result, tuple) else [result]
         seconds = time.perf_counter() - started
-        outs = list(result) if isinstance(result, tuple) else [result]
         _write_outputs(destinations, outs)
         for name, dest, array in zip(names, destinations, outs):
             print(f"{name}: {array.shape} {array.dtype} -> {dest}")
