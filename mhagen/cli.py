@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that define `add_cli(subparsers)`; each adds its subcommand with `set_defaults(func=...)`.
-_CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight")
+_CLI_MODULES: tuple[str, ...] = ("keras_io", "bench", "reweight", "fuzz")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
