@@ -324,8 +324,24 @@ def _onnxruntime(name: str, model: Any, feeds: dict[str, np.ndarray], threads: i
     return Peer(name, "float32", call, to_host, f"ONNX Runtime {ort.__version__}, {what}, {threads} threads")
 
 
+def _import_openvino() -> Any:
+    """`import openvino`, without its telemetry: the import starts OpenVINO's usage telemetry,
+    which forks a process (in a process where JAX runs threads, a fork can deadlock) to send
+    data over the network, unless the environment looks like CI."""
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        import openvino as ov
+    finally:
+        if saved is None:
+            del os.environ["CI"]
+        else:
+            os.environ["CI"] = saved
+    return ov
+
+
 def _openvino(name: str, model: Any, feeds: dict[str, np.ndarray], threads: int) -> Peer:
-    import openvino as ov
+    ov = _import_openvino()
 
     core = ov.Core()
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
