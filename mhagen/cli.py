@@ -92,21 +92,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     from .progress import Steps
     from .spec import Spec
-    from .verify import shape_checks, tolerance, verify_matrix
+    from .verify import SourceReference, shape_checks, tolerance, verify_matrix
 
     spec = Spec.load(args.spec)
     weights = _weights_arg(args.spec, args.weights)
     targets = _targets_arg(args)
     if args.json:
         _check_writable(Path(args.json), "--json")
+    # The source model's own output, as `mhagen import-keras` writes it beside the spec.
+    reference_path = Path(args.reference or Path(args.spec).with_suffix(".keras-ref.npz"))
+    reference = SourceReference.load(reference_path) if args.reference or reference_path.is_file() else None
     with Steps(Console(stderr=True)) as steps:
-        rows = verify_matrix(spec, targets, weights, seed=args.seed,
+        rows = verify_matrix(spec, targets, weights, seed=args.seed, reference=reference,
                              on_progress=lambda name, stage: steps.start(f"{name}: {stage}"))
     tol = tolerance(spec)
     # With rtol 0 the test is |err| <= atol alone, and a relative error would only confuse.
     criterion = f"|err| <= {tol.atol:g}" + (f" + {tol.rtol:g} |expected|" if tol.rtol else "")
     table = Table(title=Text(f"mhagen verify {args.spec} ({spec.call.dtype}; pass: {criterion})"))
-    columns = ["target", "compiled", "max abs err"] + (["max rel err"] if tol.rtol else []) + ["result"]
+    columns = ["target", "compiled", "max abs err"] + (["max rel err"] if tol.rtol else [])
+    columns += (["vs source"] if reference else []) + ["result"]
     for col in columns:
         table.add_column(col, overflow="fold", no_wrap=col in ("target", "compiled"))
     for r in rows:
@@ -122,12 +126,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         cells = [r.target, compiled, "" if r.max_abs is None else f"{r.max_abs:.3g}"]
         if tol.rtol:
             cells.append("" if r.max_rel is None else f"{r.max_rel:.3g}")
+        if reference:
+            cells.append("" if r.reference_max_abs is None else f"{r.reference_max_abs:.3g}")
         table.add_row(*map(Text, cells + [result]))
     console = Console()
     console.print(table)
     ran = next((r for r in rows if r.shapes), None)
     if ran:
         console.print(Text(f"shapes checked: query {', '.join(ran.shapes)} ({shape_checks(spec)[1]})"))
+    if reference:
+        console.print(Text(f"vs source: max abs err against {reference.source}'s own output ({reference_path})"))
     for r in rows:
         if r.ran and not r.passed:
             print(f"{r.target}: {r.message or r.reason}", file=sys.stderr)
@@ -240,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights file (.npz/.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--reference", help="also compare with a source model's own output (default: "
+                   "SPEC.keras-ref.npz beside the spec, which `mhagen import-keras` writes)")
     p.set_defaults(func=_cmd_verify)
 
     # `mhagen run` is the bundle's own `run.py` with the bundle as first argument: one parser, the runtime's.

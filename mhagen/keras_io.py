@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import MhagenError, SpecError, WeightsError, invalid
 
-__all__ = ["KerasLayer", "CallSite", "read_keras", "weights_from_keras", "add_cli"]
+__all__ = ["KerasLayer", "CallSite", "read_keras", "weights_from_keras", "keras_reference", "add_cli"]
 
 # The projections in `layer.get_weights()` order (the gate only with use_gate=True).
 _DENSES = ("query", "key", "gate", "value", "attention_output")
@@ -92,6 +92,7 @@ class _Candidate:
     load: Callable[[], KerasLayer]
     aliases: tuple[str, ...] = ()
     positional: bool = False  # a file group path (`layers/multi_head_attention_1`), not layer names
+    obj: Any = None  # the live layer, for candidates found in a live model
 
 
 def weights_from_keras(obj: Any, *, layer: str | None = None) -> list[np.ndarray]:
@@ -151,6 +152,12 @@ def _tf_would_load() -> bool:
 
 def _isolated(path: Path, layer: str | None) -> KerasLayer:
     """`read_keras(path, layer=layer)` in a child process, so TensorFlow never loads here."""
+    return _in_child("read_keras", path.resolve(), layer=layer)
+
+
+def _in_child(function: str, *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` of this module run in a child process (TensorFlow may load
+    there); its MhagenError is raised here, any other failure comes back as one line."""
     import pickle
     import subprocess
     import tempfile
@@ -158,26 +165,28 @@ def _isolated(path: Path, layer: str | None) -> KerasLayer:
     env = {**os.environ, _IN_PROCESS_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     code = "import sys; from mhagen.keras_io import _child; _child(*sys.argv[1:])"
     with tempfile.TemporaryDirectory(prefix="mhagen-keras-") as tmp:
-        answer = Path(tmp) / "answer.pickle"
-        args = [sys.executable, "-c", code, str(answer), str(path.resolve()), *([] if layer is None else [layer])]
-        done = subprocess.run(args, capture_output=True, env=env, check=False)
+        request, answer = Path(tmp) / "request.pickle", Path(tmp) / "answer.pickle"
+        request.write_bytes(pickle.dumps((function, args, kwargs)))
+        done = subprocess.run([sys.executable, "-c", code, str(request), str(answer)],
+                              capture_output=True, env=env, check=False)
         data = answer.read_bytes() if answer.is_file() else b""
     try:
         status, payload = pickle.loads(data)  # our own child's answer, not the file's bytes
     except Exception:  # noqa: BLE001 - the child died before answering
         lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise WeightsError(f"Reading {path} in a child process failed (exit {done.returncode}): "
-                           f"{lines[-1] if lines else 'no message'}") from None
+        raise WeightsError(f"Reading {args[0] if args else function} in a child process failed (exit "
+                           f"{done.returncode}): {lines[-1] if lines else 'no message'}") from None
     if status == "error":
         raise payload
     return payload
 
 
-def _child(answer: str, path: str, *layer: str) -> None:
+def _child(request: str, answer: str) -> None:
     import pickle
 
     try:
-        result: tuple[str, Any] = ("ok", read_keras(path, layer=layer[0] if layer else None))
+        function, args, kwargs = pickle.loads(Path(request).read_bytes())  # written by _in_child
+        result: tuple[str, Any] = ("ok", globals()[function](*args, **kwargs))
     except MhagenError as exc:
         result = ("error", exc)
     except Exception as exc:  # noqa: BLE001 - reported to the parent in one line
@@ -210,6 +219,10 @@ def _keras2_config(config: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 
 def _address(found: Sequence[_Candidate], name: str | None, source: str) -> KerasLayer:
+    return _select(found, name, source).load()
+
+
+def _select(found: Sequence[_Candidate], name: str | None, source: str) -> _Candidate:
     if not found:
         raise WeightsError(f"No MultiHeadAttention found in {source}")
     paths = [f.path for f in found]
@@ -217,7 +230,7 @@ def _address(found: Sequence[_Candidate], name: str | None, source: str) -> Kera
         if len(found) > 1:
             raise WeightsError(f"{source} holds {len(found)} MultiHeadAttention layers {paths}: "
                                "name one by its path with `layer=` (--layer)")
-        return found[0].load()
+        return found[0]
     name = name.strip("/")
     exact = [f for f in found if name == f.path or name in f.aliases]
     # A positional group path is matched whole only: its tail `multi_head_attention` names a
@@ -236,7 +249,7 @@ def _address(found: Sequence[_Candidate], name: str | None, source: str) -> Kera
                     "by layer name: import the .keras or .h5 model file, or pass a group path)")
         raise invalid("layer", f"the path of a MultiHeadAttention in {source}: one of {paths}{note}",
                       name, cls=WeightsError)
-    return matches[0].load()
+    return matches[0]
 
 
 def _is_mha(layer: Any) -> bool:
@@ -296,14 +309,15 @@ def _live_candidates(root: Any, source: str) -> list[_Candidate]:
             if _is_mha(child):
                 if id(child) in found:
                     old = found[id(child)]
-                    found[id(child)] = _Candidate(old.path, old.load, (*old.aliases, path))
+                    found[id(child)] = _Candidate(old.path, old.load, (*old.aliases, path), obj=child)
                 else:
-                    found[id(child)] = _Candidate(path, lambda c=child, p=path: _live_layer(c, source, p))
+                    found[id(child)] = _Candidate(path, lambda c=child, p=path: _live_layer(c, source, p),
+                                                  obj=child)
             else:
                 visit(child, f"{path}/")
 
     if _is_mha(root):
-        return [_Candidate(root.name, lambda: _live_layer(root, source, root.name))]
+        return [_Candidate(root.name, lambda: _live_layer(root, source, root.name), obj=root)]
     visit(root, "")
     return list(found.values())
 
@@ -692,6 +706,131 @@ def _h5_array(dataset: Any) -> np.ndarray:
     return np.asarray(dataset[()])
 
 
+# ---- the source model's own output ----------------------------------------------------------------
+def keras_reference(obj: Any, *, layer: str, spec: Any, call: int | None = None, seed: int = 0) -> Any:
+    """What the MultiHeadAttention at path `layer` in `obj` itself computes on
+    `random_inputs(spec, seed)` (query (B, T, E), value (B, S, E), key, attention_mask (B, T, S)),
+    called as the model calls it: the arguments Keras recorded for call `call` of the layer in the
+    functional graph (use_causal_mask, return_attention_scores, training, which inputs it passes),
+    else those the spec declares (a layer called inside another layer's `call` has no record).
+    The model is loaded by the library that wrote it (tf_keras for tf.keras 2.x files), in a
+    child process when that would import TensorFlow here. Returns a `verify.SourceReference`;
+    weights-only files hold no model to run and are refused.
+
+        ref = keras_reference("model.keras", layer="enc2/self_attention_layer", spec=spec)
+        ref.outputs[0]      # (B, T, E), what Keras computed
+    """
+    from .verify import SourceReference, random_inputs
+
+    if isinstance(obj, (str, os.PathLike)) and _tf_would_load():
+        return _in_child("keras_reference", Path(obj).resolve(), layer=layer, spec=spec, call=call, seed=seed)
+    source = str(obj) if isinstance(obj, (str, os.PathLike)) else f"{type(obj).__name__} `{obj.name}`"
+    model = _load_model(Path(obj)) if isinstance(obj, (str, os.PathLike)) else obj
+    found = _select(_live_candidates(model, source), layer, source)
+    inputs = {k: v for k, v in random_inputs(spec, seed).items() if k != "dropout_key"}
+    arguments = _call_arguments(found.obj, found.path, spec, call, inputs)
+    try:
+        result = found.obj(**arguments)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types; one line back
+        text = str(exc).strip().splitlines()
+        raise WeightsError(f"calling `{found.path}` of {source} failed: {type(exc).__name__}: "
+                           f"{text[0] if text else ''}") from None
+    outputs = [np.asarray(x, dtype=np.float32) for x in (result if isinstance(result, (tuple, list)) else [result])]
+    return SourceReference(inputs, outputs, f"{Path(source).name if isinstance(obj, (str, os.PathLike)) else source}"
+                                            f" `{found.path}`")
+
+
+def _load_model(path: Path) -> Any:
+    """The model in a Keras file, loaded by the library that wrote it."""
+    version, has_model = "3", True
+    if path.is_dir():
+        version = "2."  # SavedModel: tf.keras 2.x (Keras 3 does not load it)
+    elif path.name.endswith(".keras"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
+                uses_hub = "keras_hub" in archive.read("config.json").decode(errors="replace")
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            raise WeightsError(f"{path} is not a readable .keras archive: {exc}") from None
+        version = str(metadata.get("keras_version", "3"))
+        if uses_hub:
+            try:
+                import keras_hub  # noqa: F401 - registers its layers for deserialization
+            except ImportError:
+                pass
+    elif path.suffix in (".h5", ".hdf5"):
+        try:
+            with _h5py().File(path, "r") as f:
+                has_model = bool(_h5_str(f.attrs.get("model_config")))
+                version = _h5_str(f.attrs.get("keras_version")) or "2."
+        except OSError as exc:
+            raise WeightsError(f"{path} is not a readable HDF5 file: {exc}") from None
+    if not has_model:
+        raise WeightsError(f"{path} holds weights only: there is no model to run for a reference output")
+    try:
+        if version.startswith("2."):
+            try:
+                import tf_keras
+            except ImportError as exc:
+                raise WeightsError(f"{path} was written by tf.keras {version}: running it needs TensorFlow "
+                                   f"and tf_keras (pip install tensorflow tf-keras) ({exc})") from None
+            return tf_keras.models.load_model(str(path), compile=False)
+        return _keras().saving.load_model(path, compile=False)
+    except MhagenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras' loaders raise many types
+        text = str(exc).strip().splitlines()
+        raise WeightsError(f"Keras could not load {path} to run it: {type(exc).__name__}: "
+                           f"{text[0] if text else ''}") from None
+
+
+def _call_arguments(layer: Any, path: str, spec: Any, call: int | None,
+                    inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Keyword arguments for `layer(...)`: Keras' own record of call `call` with each symbolic
+    input replaced by the array of that name, else the call the spec declares."""
+    import inspect
+
+    nodes = [n for n in getattr(layer, "_inbound_nodes", []) if _node_arguments(n) is not None]
+    if not nodes:
+        # keras_hub's CachedMultiHeadAttention takes neither flag: passed only where set.
+        accepted = inspect.signature(layer.call).parameters
+        flags = {"use_causal_mask": spec.call.use_causal_mask,
+                 "return_attention_scores": spec.call.return_attention_scores}
+        for flag, value in flags.items():
+            if value and flag not in accepted:
+                raise WeightsError(f"`{path}` ({type(layer).__name__}) takes no `{flag}`, which the spec sets")
+        flags["training"] = False
+        return {**inputs, **{k: v for k, v in flags.items() if k in accepted}}
+    if not 0 <= (call or 0) < len(nodes):
+        raise invalid("call", f"a call index of `{path}`: 0 to {len(nodes) - 1}", call, cls=WeightsError)
+    args, kwargs = _node_arguments(nodes[call or 0])
+    bound = inspect.signature(layer.call).bind_partial(*args, **kwargs).arguments
+    out: dict[str, Any] = {}
+    for name, value in bound.items():
+        if type(value).__name__ != "KerasTensor":
+            out[name] = value
+        elif name in inputs:
+            out[name] = inputs[name]
+        else:
+            raise WeightsError(f"call {call or 0} of `{path}` passes `{name}`, which the spec has no input "
+                               f"for: a reference needs a spec that declares it")
+    out.setdefault("training", False)
+    return out
+
+
+def _node_arguments(node: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A call node's (args, kwargs): Keras 3 keeps them in `node.arguments`, tf_keras in
+    `node.call_args` / `node.call_kwargs`; None for an input node."""
+    if getattr(node, "is_input", False):
+        return None
+    if hasattr(node, "arguments") and hasattr(node.arguments, "args"):
+        return tuple(node.arguments.args), dict(node.arguments.kwargs)
+    if hasattr(node, "call_args"):
+        return tuple(node.call_args), dict(node.call_kwargs or {})
+    return None
+
+
 # ---- the import-keras command ---------------------------------------------------------------------
 def _shape_arg(flag: str, value: str | None) -> tuple[int, ...] | None:
     if value is None:
@@ -804,6 +943,7 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
           f"dtype {spec.call.dtype}")
     print(f"wrote {out}")
     print(f"wrote {weights_path}")
+    _write_reference(args, found, spec, out.with_suffix(".keras-ref.npz"))
     if spec.layer.masking == "keras2":
         print('masking = "keras2": tf.keras 2.x gives a query row with every key masked the mean of the values')
     ignored = spec.ignored_keys
@@ -811,6 +951,28 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
         print(f"kept in the spec, not used for inference: {', '.join(sorted(ignored))}")
     print(f"next: mhagen verify {out} --target cpu", file=sys.stderr)
     return 0
+
+
+def _write_reference(args: argparse.Namespace, found: KerasLayer, spec: Any, path: Path) -> None:
+    """SPEC.keras-ref.npz: the source model's own output on verify's inputs, which `mhagen verify`
+    compares every target with besides the oracle. A stale one is removed first, so verify never
+    compares with another import's model."""
+    path.unlink(missing_ok=True)
+    why = ""
+    if spec.has_dropout:
+        why = "the spec draws dropout (training with a rate > 0), which no two runs share"
+    elif found.config is None:
+        why = f"{found.source} holds weights only, no model to run"
+    if not why:
+        try:
+            reference = keras_reference(args.file, layer=found.path, spec=spec, call=args.call)
+        except MhagenError as exc:
+            why = str(exc)
+        else:
+            reference.save(path)
+            print(f"wrote {path} ({reference.source}'s own output, which `mhagen verify` also compares with)")
+            return
+    print(f"no Keras reference output written: {why}")
 
 
 def add_cli(subparsers: Any) -> None:

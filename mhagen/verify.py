@@ -17,7 +17,7 @@ from .trace import input_signature
 
 __all__ = ["TOLERANCES", "Tolerance", "Comparison", "compare", "random_inputs", "dropout_keep_mask",
            "tolerance", "TargetResult", "verify_matrix", "expected_outputs", "check_outputs", "ShapeCheck",
-           "shape_checks", "check_layer", "check_decoder", "decode_plan"]
+           "shape_checks", "check_layer", "check_decoder", "decode_plan", "SourceReference"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ class TargetResult:
     passed: bool | None = None
     message: str = ""
     shapes: list[str] = field(default_factory=list)   # the sizes it ran at (`shape_checks`)
+    reference_max_abs: float | None = None   # against the source model's own output, when given
 
     @property
     def status(self) -> str:
@@ -169,7 +170,8 @@ class TargetResult:
                 "size": self.size, "compile_seconds": round(self.compile_seconds, 3),
                 "cached": self.cached, "ran": self.ran, "reason": self.reason,
                 "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed,
-                "message": self.message, "shapes": list(self.shapes)}
+                "message": self.message, "shapes": list(self.shapes),
+                "reference_max_abs": self.reference_max_abs}
 
 
 def expected_outputs(spec: Spec, weights: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -185,6 +187,46 @@ def expected_outputs(spec: Spec, weights: Any, inputs: dict[str, np.ndarray]) ->
 def check_outputs(spec: Spec, got: list[np.ndarray], expected: list[np.ndarray]) -> list[Comparison]:
     tol = tolerance(spec)
     return [compare(g, e, tol=tol, name=f"outputs[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
+
+
+@dataclass(frozen=True)
+class SourceReference:
+    """What the source model itself computed (e.g. a Keras model, written by `mhagen import-keras`
+    as SPEC.keras-ref.npz): `inputs` by name (`query` (B, T, E), `value` (B, S, E), `key`,
+    `attention_mask` (B, T, S)) and the `outputs` it returned (output (B, T, E), then the scores
+    when it returns them). `verify_matrix` compares every target with it as well as with the oracle,
+    so a spec that does not say what the model does (a dropped call-site argument) fails even
+    where target and oracle agree.
+
+        ref = SourceReference.load("spec.keras-ref.npz")
+        rows = verify_matrix(spec, targets, weights, reference=ref)
+    """
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+    source: str
+
+    def save(self, path: Any) -> None:
+        arrays = {f"input_{k}": np.asarray(v) for k, v in self.inputs.items()}
+        arrays.update({f"output_{i}": np.asarray(v, dtype=np.float32) for i, v in enumerate(self.outputs)})
+        np.savez(path, source=np.array(self.source), **arrays)
+
+    @classmethod
+    def load(cls, path: Any) -> SourceReference:
+        from .errors import WeightsError
+
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"Reference file {path} is not a readable .npz: {exc}") from None
+        inputs = {k.removeprefix("input_"): v for k, v in data.items() if k.startswith("input_")}
+        count = sum(k.startswith("output_") for k in data)
+        outputs = [data.get(f"output_{i}") for i in range(count)]
+        if "source" not in data or "query" not in inputs or not outputs or any(o is None for o in outputs):
+            raise WeightsError(f"Reference file {path} holds {sorted(data)}: expected source, input_query, "
+                               "input_value, ... and output_0, output_1, ...")
+        return cls(inputs, [o for o in outputs if o is not None], str(data["source"]))
 
 
 # A dynamic build with more buckets than this is checked at its smallest, middle and largest bucket.
@@ -363,7 +405,7 @@ def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> lis
 
 
 def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: int = 0,
-                  on_progress: Any = None) -> list[TargetResult]:
+                  on_progress: Any = None, reference: SourceReference | None = None) -> list[TargetResult]:
     """Compile `spec` for every target, run each runnable one at every size of `shape_checks(spec)`
     on the same seeded inputs, and compare with the oracle. Targets that cannot run here are
     reported as "compiled, not run".
@@ -373,6 +415,9 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
 
     `on_progress(target_name, stage)` hears of each stage ("compiling (llvm-cpu)", "reading the
     compile cache", "running 3 shapes").
+
+    With a `reference` (the source model's own output), each target also runs its inputs and
+    passes only when it agrees with that output too, with the same tolerance.
     """
     from .budget import check as check_budget
     from .compile import check_dtype, compile_program, is_cached
@@ -416,6 +461,7 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
         try:
             layer = CompiledLayer(program.interface, compiled.vmfb, target, spec=spec, parameters=parameters)
             comparisons = check_layer(layer, checks, ws, seed=seed, expected=expected)
+            against_source = [] if reference is None else _check_reference(layer, spec, reference)
         except MhagenError as exc:
             row.reason = str(exc)
             row.passed = False
@@ -425,7 +471,22 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
         row.shapes = [c.label for c in checks]
         row.max_abs = max(c.max_abs for c in comparisons)
         row.max_rel = max(c.max_rel for c in comparisons)
+        if against_source:
+            row.reference_max_abs = max(c.max_abs for c in against_source)
+        comparisons += against_source
         row.passed = all(c.passed for c in comparisons)
         bad = [c.message for c in comparisons if not c.passed]
         row.message = bad[0] if bad else comparisons[0].message
     return rows
+
+
+def _check_reference(layer: Any, spec: Spec, reference: SourceReference) -> list[Comparison]:
+    result = layer(**reference.inputs)
+    got = list(result) if isinstance(result, tuple) else [result]
+    if len(got) != len(reference.outputs):
+        from .errors import VerifyError
+
+        raise VerifyError(f"the build returns {len(got)} outputs, {reference.source} returned "
+                          f"{len(reference.outputs)}: the spec does not call the layer as the model does")
+    return [compare(g, e, tol=tolerance(spec), name=f"{reference.source}: outputs[{j}]")
+            for j, (g, e) in enumerate(zip(got, reference.outputs))]

@@ -226,7 +226,9 @@ def test_import_keras_then_verify(keras: Any, saved_model: Path, tmp_path: Path,
                  "--value-shape", "2,4,16", "--out", str(spec_path)]) == 0
     out = capsys.readouterr().out
     assert "kept in the spec, not used for inference: dtype, name, trainable" in out
+    assert (tmp_path / "spec.keras-ref.npz").is_file()  # the model's own output: verify compares with it too
     assert main(["verify", str(spec_path), "--target", "cpu"]) == 0
+    assert "vs source" in capsys.readouterr().out
 
     # The sidecar holds the model's own weights, and the built layer computes what Keras computes.
     model = keras.saving.load_model(saved_model)
