@@ -255,7 +255,8 @@ def test_ctrl_c_writes_the_reports_and_exits_130(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra,needle", [
     (["--budget", "10x"], "--budget"), (["--budget", "0"], "--budget"), (["--budget", "-5m"], "--budget"),
-    (["--cases", "0"], "--cases"), (["--seed", "-1"], "--seed"), (["--shrink-tries", "-1"], "--shrink-tries"),
+    (["--cases", "0"], "--cases"), (["--shrink-budget", "soon"], "--shrink-budget"),
+    (["--job-timeout", "0"], "--job-timeout"), (["--job-timeout", "nan"], "--job-timeout"), (["--seed", "-1"], "--seed"), (["--shrink-tries", "-1"], "--shrink-tries"),
 ])
 def test_bad_arguments_are_refused(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
     refuses(["fuzz", "--targets", "cpu", "--out", str(tmp_path / "o"), *extra], capsys, needle=needle,

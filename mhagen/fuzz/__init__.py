@@ -37,17 +37,18 @@ from .shrink import shrink
 __all__ = ["fuzz", "run_case", "shrink", "draw_spec", "parse_budget", "add_cli", "describe"]
 
 DEFAULT_SHRINK_TRIES = 60
+DEFAULT_SHRINK_SECONDS = 600.0
 DEFAULT_JOB_TIMEOUT_S = 600.0
 _REPORT_FILES = ("results.json", "junit.xml", "summary.md")
 
 
-def parse_budget(text: str) -> float:
+def parse_budget(text: str, *, option: str = "--budget") -> float:
     """`90s`, `10m`, `1h` or a bare number of seconds -> seconds (> 0)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
     seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0.0
     if seconds <= 0:
-        raise MhagenError(f"Received an invalid value for argument `--budget`, expected a duration "
-                          f"such as 90s, 10m or 1h. Received: --budget={text!r}")
+        raise MhagenError(f"Received an invalid value for argument `{option}`, expected a duration "
+                          f"such as 90s, 10m or 1h. Received: {option}={text!r}")
     return seconds
 
 
@@ -71,6 +72,7 @@ def describe(spec: Spec) -> str:
 
 def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = None,
          max_cases: int | None = None, shrink_tries: int = DEFAULT_SHRINK_TRIES,
+         shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
          job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Draw cases from `seed` until `budget_s` is spent or `max_cases` ran (the case in flight, its
@@ -84,6 +86,7 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
     if budget_s is None and max_cases is None:
         raise MhagenError("fuzz needs a budget or a number of cases")
     emit = on_event or (lambda kind, data: None)
+    out.mkdir(parents=True, exist_ok=True)
     names = [t.name for t in targets]
     rng = np.random.default_rng(seed)
     dtypes = fuzz_dtypes(targets)
@@ -108,7 +111,8 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
                 for name in names:
                     emit("target", {"case": case["id"], "target": name})
                     case["results"][name] = worker(run_case, case["spec"], name, case_seed)
-                failures = [_shrink_and_write(worker, case, name, result, out, seed, shrink_tries, emit)
+                failures = [_shrink_and_write(worker, case, name, result, out, seed,
+                                              (shrink_tries, shrink_seconds), emit)
                             for name, result in case["results"].items() if result["status"] == "failed"]
                 run["cases"].append(case)
                 run["failures"] += failures
@@ -125,7 +129,8 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
 
 
 def _shrink_and_write(worker: Worker, case: dict[str, Any], target: str, result: dict[str, Any], out: Path,
-                      seed: int, tries: int, emit: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+                      seed: int, limits: tuple[int, float],
+                      emit: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
     """Shrink one failure on its target (same kind of failure, same inputs seed) and write its
     reproducer under out/failures/<case>-<target>."""
     want = signature(result)
@@ -139,7 +144,8 @@ def _shrink_and_write(worker: Worker, case: dict[str, Any], target: str, result:
         return False
 
     emit("shrink", {"case": case["id"], "target": target, "result": result})
-    smallest, used, minimal = shrink(Spec.from_dict(case["spec"]), still_fails, max_tries=tries)
+    smallest, used, minimal = shrink(Spec.from_dict(case["spec"]), still_fails, max_tries=limits[0],
+                                     max_seconds=limits[1])
     folder = Path("failures") / f"{case['id']}-{target}"
     context = {"case_id": case["id"], "seed": seed, "tries": used, "minimal": minimal, "original": case["spec"]}
     info = worker(write_reproducer, smallest.to_dict(), target, case["seed"], last["result"],
@@ -193,6 +199,10 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
     if args.shrink_tries < 0:
         raise MhagenError(f"Received an invalid value for argument `--shrink-tries`, expected an "
                           f"integer >= 0. Received: --shrink-tries={args.shrink_tries}")
+    shrink_seconds = parse_budget(args.shrink_budget, option="--shrink-budget")
+    if not args.job_timeout > 0:
+        raise MhagenError(f"Received an invalid value for argument `--job-timeout`, expected a number of "
+                          f"seconds > 0. Received: --job-timeout={args.job_timeout}")
     out = Path(args.out)
     _prepare_out(out)
     console = Console(highlight=False)
@@ -219,7 +229,8 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
 
     with Steps(console) as steps:
         run = fuzz(targets, seed=args.seed, out=out, budget_s=budget, max_cases=args.cases,
-                   shrink_tries=args.shrink_tries, job_timeout_s=args.job_timeout, on_event=on_event)
+                   shrink_tries=args.shrink_tries, shrink_seconds=shrink_seconds,
+                   job_timeout_s=args.job_timeout, on_event=on_event)
     table = Table(title=f"mhagen fuzz --seed {args.seed}: {len(run['cases'])} cases in "
                         f"{run['seconds'] / 60:.1f} min ({run['stopped']})")
     for col in ("target", "passed", "failed", "refused", "compiled, not run"):
@@ -252,6 +263,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="folder for results.json, junit.xml, summary.md and failures/")
     p.add_argument("--shrink-tries", type=int, default=DEFAULT_SHRINK_TRIES,
                    help=f"most candidate specs tried while shrinking one failure (default {DEFAULT_SHRINK_TRIES})")
+    p.add_argument("--shrink-budget", default="10m",
+                   help="most time spent shrinking one failure (default 10m); the smallest spec so far is kept")
     p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT_S,
                    help=f"seconds one compile-and-run may take before it counts as a hang "
                    f"(default {DEFAULT_JOB_TIMEOUT_S:g})")

@@ -102,7 +102,7 @@ def run_case(spec_dict: dict[str, Any], target_name: str, seed: int) -> dict[str
     avail = availability(target)
     if not avail.runs:
         return {**out, "status": "compiled-not-run", "message": avail.run_reason}
-    start = time.perf_counter()
+    start, index = time.perf_counter(), None
     try:
         layer = CompiledLayer(program.interface, compiled.vmfb, target, spec=spec)
         worst = 0.0

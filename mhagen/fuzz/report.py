@@ -218,10 +218,6 @@ def summarize(run: dict[str, Any]) -> dict[str, dict[str, int]]:
     return table
 
 
-def _testcase_name(case: dict[str, Any]) -> str:
-    return case["id"]
-
-
 def write_reports(out: Path, run: dict[str, Any]) -> list[Path]:
     """results.json, junit.xml (one <testcase> per case x target) and summary.md in `out`."""
     from ..cli import _write_text_atomic
@@ -255,7 +251,7 @@ def _junit(run: dict[str, Any]) -> str:
                                                            if shrunk else f"spec:\n{Spec.from_dict(case['spec']).to_toml()}"))
         elif result["status"] in ("refused", "compiled-not-run"):
             ET.SubElement(element, "skipped", message=f"{result['status']}: {result['message']}"[:1000])
-        ET.SubElement(element, "system-out").text = Spec.from_dict(case["spec"]).to_toml()
+        ET.SubElement(element, "system-out").text = f"seed {case['seed']}: {json.dumps(case['spec'])}"
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 

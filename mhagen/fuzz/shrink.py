@@ -11,6 +11,7 @@ fails (a local minimum: no single simplification keeps the failure) or the tries
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -139,14 +140,17 @@ def _smaller_shapes(base: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def shrink(spec: Spec, still_fails: Callable[[Spec], bool], *, max_tries: int = 60,
+           max_seconds: float | None = None,
            on_try: Callable[[Spec, bool], None] | None = None) -> tuple[Spec, int, bool]:
     """The smallest spec found that `still_fails`, starting from `spec` (which must fail).
 
     Returns (spec, tries: candidates checked with `still_fails`, minimal: True when no single
-    simplification of the result still fails, False when `max_tries` ran out first). Candidates
-    that are not valid specs cost no try. `on_try(candidate, failed)` hears of each try.
+    simplification of the result still fails, False when `max_tries` or `max_seconds` ran out
+    first). Candidates that are not valid specs cost no try. `on_try(candidate, failed)` hears of
+    each try.
     """
     current, tries = spec, 0
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     seen: set[str] = {spec.to_toml()}
     while True:
         improved = False
@@ -159,7 +163,7 @@ def shrink(spec: Spec, still_fails: Callable[[Spec], bool], *, max_tries: int = 
             if text in seen:
                 continue
             seen.add(text)
-            if tries >= max_tries:
+            if tries >= max_tries or (deadline is not None and time.monotonic() > deadline):
                 return current, tries, False
             tries += 1
             failed = still_fails(candidate)
