@@ -145,7 +145,7 @@ def data_tiling_target(tmp_path, monkeypatch):
     return "cpu-opt-data-tiling"
 
 
-@pytest.mark.slow  # 1-4 min: about 15 compiles of small 5-D layers
+@pytest.mark.slow  # 1.5-5 min (283 s on a loaded machine): about 15 compiles of small 5-D layers
 def test_shrink_a_real_miscompile_and_replay_it(data_tiling_target: str, tmp_path: Path) -> None:
     start = Spec.from_dict({"layer": {"num_heads": 3, "key_dim": 3, "use_bias": False, "use_gate": True,
                                       "attention_axes": [2, 3]},

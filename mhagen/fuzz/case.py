@@ -94,12 +94,14 @@ def run_case(spec_dict: dict[str, Any], target_name: str, seed: int) -> dict[str
         _, _, program = _prepared(spec.to_toml())
     except MhagenError as exc:          # a valid spec that does not trace: a bug of mhagen
         return {**out, "kind": "trace-error", "message": _line(str(exc))}
+    avail = availability(target)
+    if not avail.compiles:              # e.g. a backend this IREE compiler was built without
+        return {**out, "status": "refused", "message": avail.compile_reason}
     try:
         compiled = compile_program(program.text, target)
     except CompileError as exc:
         return {**out, "kind": "compile-error", "message": _compile_message(exc)}
     out.update(compile_seconds=round(compiled.seconds, 3), cached=compiled.cached)
-    avail = availability(target)
     if not avail.runs:
         return {**out, "status": "compiled-not-run", "message": avail.run_reason}
     start, index = time.perf_counter(), None
