@@ -86,6 +86,10 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .sweep import check_verify_options, cmd_sweep
+
+    if check_verify_options(args):        # --sweep DIR: every spec of a folder (mhagen/sweep.py)
+        return cmd_sweep(args, _targets_arg(args))
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -243,10 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("verify", help="compile, run on seeded inputs, compare with the NumPy oracle")
-    p.add_argument("spec", help="spec TOML file")
+    p.add_argument("spec", nargs="?", help="spec TOML file (or --sweep DIR)")
     target_args(p)
     p.add_argument("--weights", help="weights file (.npz/.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    importlib.import_module("mhagen.sweep").add_verify_options(p)
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--reference", help="also compare with a source model's own output (default: "
                    "SPEC.keras-ref.npz beside the spec, which `mhagen import-keras` writes)")
