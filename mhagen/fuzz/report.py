@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -220,14 +221,22 @@ def summarize(run: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def write_reports(out: Path, run: dict[str, Any]) -> list[Path]:
     """results.json, junit.xml (one <testcase> per case x target) and summary.md in `out`."""
-    from ..cli import _write_text_atomic
-
     run = {**run, "summary": summarize(run)}
     paths = [out / "results.json", out / "junit.xml", out / "summary.md"]
     _write_text_atomic(paths[0], json.dumps(run, indent=2) + "\n")
     _write_text_atomic(paths[1], _junit(run))
     _write_text_atomic(paths[2], _markdown(run))
     return paths
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """A report is whole or absent: written beside its place and renamed into it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _junit(run: dict[str, Any]) -> str:
