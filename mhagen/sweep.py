@@ -3,9 +3,9 @@ cluster, collected into one matrix.
 
 A sweep is three kinds of job, each a plain picklable function of this module:
 
-    trace     spec, weights -> the traced program (JAX; anywhere)
+    trace     case (spec and weights) -> the traced program (JAX; anywhere)
     compile   program, target -> the module as bytes, once per compile-cache key (anywhere)
-    run       spec, weights, program, module, target -> one cell of the matrix: run at every size
+    run       case, program, module, target -> one cell of the matrix: run at every size
               `mhagen verify` checks, compared with the NumPy oracle (only where the device is)
 
 On Ray, a run job asks for one unit of the custom resource named after the target's IREE driver
@@ -188,11 +188,15 @@ class CompileOutcome:
     where: str = ""
 
 
-def trace_job(spec: Any, weights: Sequence[np.ndarray]) -> Any:
-    """The program `mhagen verify` compiles for `spec` (weights as parameters): a `trace.Program`."""
+def trace_job(case: SweepCase) -> tuple[Any, str]:
+    """(the program `mhagen verify` compiles for the case, weights as parameters: a `trace.Program`,
+    ""), or (None, why the spec cannot be traced)."""
     from .trace import WeightsMode, trace
 
-    return trace(spec, list(weights), weights_mode=WeightsMode.PARAMETERS)
+    try:
+        return trace(case.spec, list(case.weights), weights_mode=WeightsMode.PARAMETERS), ""
+    except MhagenError as exc:
+        return None, _first_line(str(exc))
 
 
 def compile_job(text: str, target_name: str, dtype: str) -> tuple[CompileOutcome, bytes | None]:
@@ -291,8 +295,12 @@ class _Pool:
     def get(self, handle: Any) -> Any:
         return handle.result()
 
-    def arg(self, handle: Any) -> Any:
-        """What a later job is given for a finished job's result: the value itself."""
+    def share(self, value: Any) -> Any:
+        """What jobs are given for a value many of them need: here, the value."""
+        return value
+
+    def compiled(self, handle: Any) -> tuple[CompileOutcome, Any]:
+        """A finished compile job's outcome, and what a run job is given for its module."""
         return handle.result()
 
     def lacks(self, resource: str) -> str | None:
@@ -320,18 +328,18 @@ class _Ray:
 
     holds_back: frozenset[str] = frozenset()     # a Vulkan node of a cluster runs Vulkan jobs alone
 
-    def __init__(self, address: str, *, owns_connection: bool):
+    def __init__(self, *, owns_connection: bool):
         import ray
 
         self._ray = ray
         self._owns = owns_connection
-        self.name = f"Ray cluster at {address}"
+        self.name = f"Ray cluster at {ray.get_runtime_context().gcs_address}"
         # SPREAD: a sweep is many short jobs, which Ray would otherwise queue on the driver's node.
         options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False,
                    "scheduling_strategy": "SPREAD"}
         self._options = options
         self._fns: dict[Callable[..., Any], Any] = {}
-        self._args: dict[Any, Any] = {}
+        self._modules: dict[Any, Any] = {}
 
     def submit(self, fn: Callable[..., Any], *args: Any, resource: str | None = None) -> Any:
         if fn not in self._fns:
@@ -343,7 +351,7 @@ class _Ray:
         refs = remote.remote(*args)
         if fn is compile_job:       # (outcome, module): the driver waits on the outcome alone, and the
             outcome, module = refs  # module goes from the compiling node to the running one directly
-            self._args[outcome] = module
+            self._modules[outcome] = module
             return outcome
         return refs
 
@@ -354,9 +362,14 @@ class _Ray:
     def get(self, handle: Any) -> Any:
         return self._ray.get(handle)
 
-    def arg(self, handle: Any) -> Any:
-        """What a later job is given: the object reference (Ray fetches, or rebuilds, the value)."""
-        return self._args.get(handle, handle)
+    def share(self, value: Any) -> Any:
+        """One copy in the object store for every job that needs `value` (a case's weights)."""
+        return self._ray.put(value)
+
+    def compiled(self, handle: Any) -> tuple[CompileOutcome, Any]:
+        """The outcome, and the module's object reference: Ray fetches it for the run job from the
+        node that compiled it, or compiles it again if that node died."""
+        return self._ray.get(handle), self._modules.pop(handle)
 
     def lacks(self, resource: str) -> str | None:
         if self._ray.cluster_resources().get(resource, 0) > 0:
@@ -439,7 +452,7 @@ def sweep(cases: Sequence[SweepCase], targets: Sequence[Any], *, seed: int = 0, 
 def _executor(jobs: int | None, ray_address: str | None) -> Any:
     _check_executor(jobs, ray_address)
     if ray_address is not None:
-        return _Ray(ray_address, owns_connection=connect_ray(ray_address))
+        return _Ray(owns_connection=connect_ray(ray_address))
     return _Pool(jobs or os.cpu_count() or 1)
 
 
@@ -486,14 +499,15 @@ def _drive(ex: Any, cases: list[SweepCase], targets: list[Any], seed: int,
            on_cell: Callable[[Cell, int, int], None] | None) -> Matrix:
     """Trace every case, compile each distinct (program, target) once, run each cell where its device
     is; each job starts as soon as the ones it needs have finished."""
-    from .compile import _cache_key     # the compile cache's own key: one compile per cache entry
+    from .compile import _cache_key     # the compile cache's own key: one compile job per entry
 
     matrix = Matrix([c.name for c in cases], [t.name for t in targets], {})
     total = len(cases) * len(targets)
-    pending: dict[Any, tuple[str, Any]] = {}
-    compiles: dict[str, Any] = {}                  # cache key -> the compile job's handle
-    waiting: dict[Any, list[tuple[SweepCase, Any, Any]]] = {}   # compile handle -> cells that need it
-    held: list[tuple[SweepCase, Any, Any, Any]] = []   # runs started when nothing else is left
+    pending: dict[Any, tuple[str, Any]] = {}       # handle -> ("trace", case) / ("compile", key) / ("run", cell)
+    compiled: dict[str, tuple[CompileOutcome, Any]] = {}    # cache key -> outcome, module for run jobs
+    waiting: dict[str, list[tuple[Any, Any, Any]]] = {}     # cache key -> (case, program, target) to run
+    held: list[tuple[Any, Any, Any, Any]] = []     # runs started when nothing else is left (`holds_back`)
+    shared = {case.name: ex.share(case) for case in cases}
 
     def fill(c: Cell) -> None:
         matrix.cells[(c.spec, c.target)] = c
@@ -505,92 +519,76 @@ def _drive(ex: Any, cases: list[SweepCase], targets: list[Any], seed: int,
         lack = ex.lacks(resource)
         if lack:
             fill(Cell(case.name, target.name, "compiled, not run", reason=lack))
-            return
-        if resource in ex.holds_back and not now:
+        elif resource in ex.holds_back and not now:
             held.append((case, program, module, target))
-            return
-        h = ex.submit(run_job, case, program, module, target.name, seed, resource=resource)
-        pending[h] = ("run", (case, target))
+        else:
+            h = ex.submit(run_job, shared[case.name], program, module, target.name, seed, resource=resource)
+            pending[h] = ("run", (case, target))
+
+    def after_compile(key: str, case: SweepCase, program: Any, target: Any) -> None:
+        outcome, module = compiled[key]
+        if outcome.status == "compiled":
+            start_run(case, program, module, target)
+        else:
+            fill(Cell(case.name, target.name, outcome.status, reason=outcome.reason, where=outcome.where))
+
+    def traced(case: SweepCase, program: Any) -> None:
+        shared_program = ex.share(program)
+        for target in targets:
+            if not ex.compiles_apart(target):
+                start_run(case, shared_program, None, target)
+                continue
+            key = _cache_key(target, [], program.text)
+            if key in compiled:
+                after_compile(key, case, shared_program, target)
+                continue
+            if key not in waiting:
+                h = ex.submit(compile_job, program.text, target.name, case.spec.call.dtype_policy.compute)
+                pending[h] = ("compile", key)
+                waiting[key] = []
+                matrix.compiles += 1
+            waiting[key].append((case, shared_program, target))
 
     for case in cases:
-        pending[ex.submit(trace_job, case.spec, case.weights)] = ("trace", case)
+        pending[ex.submit(trace_job, shared[case.name])] = ("trace", case)
     while pending or held:
         if not pending:
-            for args in held:
-                start_run(*args, now=True)
+            for run in held:
+                start_run(*run, now=True)
             held.clear()
             continue
         done = ex.wait(list(pending), _POLL_S)
         if not done:
             _give_up_stranded(ex, pending, fill)
-            continue
         for h in done:
             kind, info = pending.pop(h)
             try:
-                value = ex.get(h)
+                value = ex.compiled(h) if kind == "compile" else ex.get(h)
             except Exception as exc:  # noqa: BLE001 - a bug in a job, or a job lost after every retry
-                for case, target in _cells_of(kind, info, targets, waiting.pop(h, [])):
-                    fill(Cell(case.name, target.name, "error",
-                              reason=f"{type(exc).__name__}: {_first_line(str(exc))}"[:300]))
-                continue
+                why = f"{type(exc).__name__}: {_first_line(str(exc))}"[:300]
+                if kind == "trace":
+                    for target in targets:
+                        fill(Cell(info.name, target.name, "error", reason=why))
+                elif kind == "compile":
+                    value = (CompileOutcome("error", why), None)
+                else:
+                    fill(Cell(info[0].name, info[1].name, "error", reason=why))
+                if kind != "compile":
+                    continue
             if kind == "trace":
-                case, program = info, ex.arg(h)
-                for target in targets:
-                    if not ex.compiles_apart(target):
-                        start_run(case, program, None, target)
-                        continue
-                    key = _cache_key(target, [], value.text)
-                    if key not in compiles:
-                        ch = ex.submit(compile_job, value.text, target.name,
-                                       case.spec.call.dtype_policy.compute)
-                        compiles[key] = ch
-                        pending[ch] = ("compile", key)
-                        waiting[ch] = []
-                        matrix.compiles += 1
-                    ch = compiles[key]
-                    if ch in waiting:
-                        waiting[ch].append((case, program, target))
-                    else:                       # that program was compiled for this target already
-                        _after_compile(ex, ch, [(case, program, target)], fill, start_run)
+                program, why = value
+                if program is None:
+                    for target in targets:
+                        fill(Cell(info.name, target.name, "refused", reason=why))
+                else:
+                    traced(info, program)
             elif kind == "compile":
-                _after_compile(ex, h, waiting.pop(h), fill, start_run, value=value)
+                compiled[info] = value
+                for case, program, target in waiting.pop(info):
+                    after_compile(info, case, program, target)
             else:
                 fill(value)
     return matrix
-
-
-def _after_compile(ex: Any, handle: Any, cells: list[tuple[SweepCase, Any, Any]], fill: Callable[[Cell], None],
-                   start_run: Callable[..., None], *, value: Any = None) -> None:
-    """Start the run of every cell that waited on this compile, or fill it with why it cannot run."""
-    if value is None:
-        try:
-            value = ex.get(handle)
-        except Exception as exc:  # noqa: BLE001 - that compile job failed; its cells were filled then
-            for case, _, target in cells:
-                fill(Cell(case.name, target.name, "error", reason=f"{type(exc).__name__}: {_first_line(str(exc))}"[:300]))
-            return
-    outcome = value
-    if isinstance(outcome, tuple):      # the pool returns (outcome, module) as one value
-        outcome = outcome[0]
-    for case, program, target in cells:
-        if outcome.status != "compiled":
-            fill(Cell(case.name, target.name, outcome.status, reason=outcome.reason, where=outcome.where))
-        else:
-            start_run(case, program, _module_arg(ex, handle), target)
-
-
-def _module_arg(ex: Any, handle: Any) -> Any:
-    arg = ex.arg(handle)
-    return arg[1] if isinstance(arg, tuple) else arg
-
-
-def _cells_of(kind: str, info: Any, targets: list[Any], waiting: list[tuple[SweepCase, Any, Any]]) -> list[tuple[SweepCase, Any]]:
-    """The cells a failed job leaves without an answer."""
-    if kind == "trace":
-        return [(info, t) for t in targets]
-    if kind == "compile":
-        return [(case, target) for case, _, target in waiting]
-    return [info]
 
 
 def _give_up_stranded(ex: Any, pending: dict[Any, tuple[str, Any]], fill: Callable[[Cell], None]) -> None:
