@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MhagenError
 from ..spec import Spec
 
 __all__ = ["run_case", "calls", "signature", "Worker", "STATUSES"]
@@ -195,10 +196,15 @@ class Worker:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child,), daemon=True, name="mhagen-fuzz-worker")
-        self._process.start()
-        child.close()
-        self._conn = parent
+        process = ctx.Process(target=_serve, args=(child,), daemon=True, name="mhagen-fuzz-worker")
+        try:
+            process.start()
+        except (OSError, RuntimeError) as exc:   # e.g. spawned from an unguarded `__main__` script
+            parent.close()
+            raise MhagenError(f"cannot start the fuzz worker process: {_line(str(exc))}") from None
+        finally:
+            child.close()
+        self._process, self._conn = process, parent
 
     def close(self) -> None:
         """Stop the child (it is killed: a job in flight is abandoned)."""
