@@ -89,8 +89,7 @@ class DecoderMixin:
     def new_cache(self) -> KVCache:
         """A zeroed cache on the device, as keras_hub starts generation with."""
         info = self._decoder_info()
-        zeros = np.zeros(info["cache_shape"], _np_dtype(info["dtype"]))
-        return KVCache(self, self._device.to_device(zeros))
+        return KVCache(self, self._device.zeros(info["cache_shape"], _np_dtype(info["dtype"])))
 
     def prefill(self, query: Any, value: Any, key: Any = None, attention_mask: Any = None
                 ) -> tuple[np.ndarray, KVCache]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MhagenRuntimeError
-from .transfer import to_device, to_host
+from .transfer import to_device, to_host, zeros
 
 __all__ = ["driver_status", "Device", "parameter_index", "load_module", "host_arch", "host_cpu_features",
            "runtime_version", "subgroup_sizes", "subgroup_mismatch", "PARAMETER_SCOPE"]
@@ -127,6 +127,9 @@ class Device:
 
     def to_host(self, result: Any) -> np.ndarray:
         return to_host(self.hal, result)
+
+    def zeros(self, shape: Sequence[int], dtype: Any) -> Any:
+        return zeros(self.hal, shape, dtype)
 
 
 def parameter_index(weights: Mapping[str, np.ndarray] | None = None, *, irpa: str | Path | None = None) -> Any:

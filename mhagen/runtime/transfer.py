@@ -14,7 +14,7 @@ import numpy as np
 import iree.runtime as rt
 from iree.runtime.dtypes import map_dtype_to_hal_element_type
 
-__all__ = ["to_device", "to_host"]
+__all__ = ["to_device", "to_host", "zeros"]
 
 _MT = rt.MemoryType
 _BU = rt.BufferUsage
@@ -123,6 +123,22 @@ def to_device(device, array) -> rt.DeviceArray:
 
     bv = rt.HalBufferView(buf, list(host.shape), et)
     return rt.DeviceArray(device, bv, implicit_host_transfer=False, override_dtype=host.dtype)
+
+
+def zeros(device, shape, dtype) -> rt.DeviceArray:
+    """A zero-filled device array, filled where it lives when the driver maps device memory (no
+    host copy of its size: a decoder's cache can be most of a process's memory)."""
+    device = _device_of(device)
+    dtype = np.dtype(dtype)
+    if not _direct_mappable_ok(device):
+        return to_device(device, np.zeros(shape, dtype))
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = device.allocator.allocate_buffer(
+        memory_type=_DEVICE_MT, allowed_usage=_MAPPABLE_DEVICE_USAGE, allocation_size=_alloc_size(nbytes))
+    buf.fill_zero(0, _alloc_size(nbytes))
+    et = map_dtype_to_hal_element_type(dtype)
+    bv = rt.HalBufferView(buf, list(shape), et)
+    return rt.DeviceArray(device, bv, implicit_host_transfer=False, override_dtype=dtype)
 
 
 def to_host(device, result) -> np.ndarray:
