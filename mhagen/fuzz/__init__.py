@@ -36,7 +36,7 @@ from .shrink import shrink
 
 __all__ = ["fuzz", "run_case", "shrink", "draw_spec", "parse_budget", "add_cli", "describe"]
 
-DEFAULT_SHRINK_TRIES = 60
+DEFAULT_SHRINK_TRIES = 100
 DEFAULT_SHRINK_SECONDS = 600.0
 DEFAULT_JOB_TIMEOUT_S = 600.0
 _REPORT_FILES = ("results.json", "junit.xml", "summary.md")
