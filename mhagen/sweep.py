@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CompileError, MhagenError, SpecError, TargetError
+from .errors import CompileError, MhagenError, SpecError
 
 __all__ = ["SweepCase", "Cell", "Matrix", "find_specs", "load_cases", "sweep", "RESOURCE_BY_DRIVER",
            "resource_for", "STATUSES", "MAX_RETRIES", "connect_ray", "run_many"]
@@ -266,9 +266,24 @@ def _first_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Executors: the same three calls on a process pool and on Ray.
 
+class _Job:
+    """A job on the pool: its call, and the future of its latest attempt (None until it starts)."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.fn, self.args = fn, args
+        self.future: Any = None
+        self.alone = 0          # attempts it made alone in the pool
+
+
 class _Pool:
     """A local process pool. Jobs start in fresh interpreters (spawn): the driver may hold JAX's
-    threads, which a forked child would inherit half-locked.
+    threads, which a forked child would inherit half-locked. At most `jobs` are in the pool at once
+    (the others wait here), so a pool that breaks takes only the jobs it was running.
+
+    A worker that dies (a driver crash in native code, the OOM killer) breaks the whole pool and
+    fails every job in it. The pool is then made again and those jobs run again one at a time, so
+    the one that kills its worker is found: it is tried alone twice, then ends as an error cell;
+    the others finish. Ray does the like when a node dies.
 
     Vulkan runs wait until nothing else is left: once a process has opened a Vulkan device on Mesa's
     lavapipe, two of its threads poll for the rest of its life (0.5-0.75 of a core each process,
@@ -277,31 +292,71 @@ class _Pool:
     holds_back = frozenset({"vulkan"})
 
     def __init__(self, jobs: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from collections import deque
 
         self.jobs = jobs
         self.name = f"process pool ({jobs} worker{'s' if jobs > 1 else ''})"
-        self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = self._new_pool()
+        self._queue: Any = deque()          # jobs waiting for a worker
+        self._suspects: Any = deque()       # jobs of a broken pool, to run again one at a time
+        self._running: list[_Job] = []
 
-    def submit(self, fn: Callable[..., Any], *args: Any, resource: str | None = None) -> Any:
-        return self._pool.submit(fn, *args)
+    def _new_pool(self) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        return ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, resource: str | None = None) -> _Job:
+        job = _Job(fn, args)
+        self._queue.append(job)
+        self._fill()
+        return job
+
+    def _fill(self) -> None:
+        if self._suspects:                  # one at a time, alone in the pool
+            if not self._running:
+                self._start(self._suspects.popleft(), alone=True)
+            return
+        while self._queue and len(self._running) < self.jobs:
+            self._start(self._queue.popleft())
+
+    def _start(self, job: _Job, *, alone: bool = False) -> None:
+        job.alone += alone
+        job.future = self._pool.submit(job.fn, *job.args)
+        self._running.append(job)
+
+    def wait(self, handles: list[_Job], timeout: float) -> list[_Job]:
         from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
 
-        return list(wait(handles, timeout=timeout, return_when=FIRST_COMPLETED).done)
+        self._fill()
+        futures = {job.future: job for job in self._running}
+        done = [futures[f] for f in wait(futures, timeout=timeout, return_when=FIRST_COMPLETED).done]
+        broken = [job for job in self._running if job.future.done()
+                  and isinstance(job.future.exception(), BrokenProcessPool)]
+        if broken:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            for job in broken:
+                if len(broken) > 1 or job.alone < 2:    # not yet known to be the one: again, alone
+                    self._suspects.append(job)
+                    if job in done:
+                        done.remove(job)
+        self._running = [job for job in self._running if not job.future.done()]
+        self._fill()
+        return [job for job in done if job.future.done()]
 
-    def get(self, handle: Any) -> Any:
-        return handle.result()
+    def get(self, handle: _Job) -> Any:
+        return handle.future.result()
 
     def share(self, value: Any) -> Any:
         """What jobs are given for a value many of them need: here, the value."""
         return value
 
-    def compiled(self, handle: Any) -> tuple[CompileOutcome, Any]:
+    def compiled(self, handle: _Job) -> tuple[CompileOutcome, Any]:
         """A finished compile job's outcome, and what a run job is given for its module."""
-        return handle.result()
+        return handle.future.result()
 
     def lacks(self, resource: str) -> str | None:
         return None            # every device of this machine is the pool's: run jobs find out themselves
@@ -309,16 +364,19 @@ class _Pool:
     def compiles_apart(self, target: Any) -> bool:
         return True            # the same machine compiles and runs
 
-    def cancel(self, handle: Any) -> None:
-        handle.cancel()
+    def cancel(self, handle: _Job) -> None:
+        if handle in self._queue:
+            self._queue.remove(handle)
+        elif handle.future is not None:
+            handle.future.cancel()
 
     def close(self, *, cancel: bool = False) -> None:
         if cancel:
             # Stop now: queued jobs are dropped and running ones killed (3.11 has no public way).
-            processes = list(getattr(self._pool, "_processes", {}).values())
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
-            for p in processes:
-                p.kill()
+            for w in workers:
+                w.kill()
             return
         self._pool.shutdown(wait=True)
 
