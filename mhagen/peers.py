@@ -76,6 +76,10 @@ class Peer:
     call: Callable[[], Any]
     to_host: Callable[[Any], np.ndarray]
     description: str
+    # The input arrays the runtime reads in place (OpenVINO's shared-memory tensors, ORT's bound
+    # inputs): held here for as long as the peer lives. Without it OpenVINO read freed memory (a
+    # converted mask: wrong outputs, |err| 0.32 on cross-attention; a segfault in a fresh process).
+    inputs: dict[str, np.ndarray] | None = None
 
 
 def default_threads() -> int:
@@ -313,7 +317,7 @@ def _onnxruntime(name: str, model: Any, feeds: dict[str, np.ndarray], threads: i
         binding.bind_cpu_input(key, array)
     binding.bind_output("output")
 
-    def call() -> Any:
+    def call(inputs: dict[str, np.ndarray] = feeds) -> Any:    # holds the bound arrays (see Peer.inputs)
         session.run_with_iobinding(binding)
         return binding
 
@@ -321,7 +325,8 @@ def _onnxruntime(name: str, model: Any, feeds: dict[str, np.ndarray], threads: i
         return np.asarray(result.copy_outputs_to_cpu()[0])
 
     what = "com.microsoft.MultiHeadAttention" if name.endswith("fused") else "plain ONNX graph"
-    return Peer(name, "float32", call, to_host, f"ONNX Runtime {ort.__version__}, {what}, {threads} threads")
+    return Peer(name, "float32", call, to_host, f"ONNX Runtime {ort.__version__}, {what}, {threads} threads",
+                inputs=feeds)
 
 
 def _import_openvino() -> Any:
@@ -362,7 +367,7 @@ def _openvino(name: str, model: Any, feeds: dict[str, np.ndarray], threads: int)
     for key, array in feeds.items():
         request.set_tensor(key, ov.Tensor(array, shared_memory=True))
 
-    def call() -> Any:
+    def call(inputs: dict[str, np.ndarray] = feeds) -> Any:    # holds the shared arrays (see Peer.inputs)
         request.infer()
         return request
 
@@ -370,7 +375,7 @@ def _openvino(name: str, model: Any, feeds: dict[str, np.ndarray], threads: int)
         return np.array(result.get_output_tensor(0).data, copy=True)
 
     return Peer(name, "bfloat16" if name == "openvino_bf16" else "float32", call, to_host,
-                f"OpenVINO {ov.__version__}, plain ONNX graph, {precision}, {threads} threads")
+                f"OpenVINO {ov.__version__}, plain ONNX graph, {precision}, {threads} threads", inputs=feeds)
 
 
 def _first_line(exc: BaseException) -> str:
