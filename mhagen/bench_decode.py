@@ -167,62 +167,65 @@ def _mb(nbytes: int) -> float:
 
 
 # ---- peak memory in a fresh process ------------------------------------------------------------
-def _memory_child(impl: str, spec_path: str, target: str, seed: int) -> dict[str, float]:
-    """Runs in a fresh process: libraries imported and the module compiled (cached) first, then the
-    measured part: load the layer, put the cache in place, MEMORY_STEPS steps."""
+def _memory_child(impl: str, path: str, target: str, seed: int) -> dict[str, float]:
+    """Runs in a fresh process with its libraries imported: the measured part loads the layer (for
+    mhagen, the bundle at `path`, weights and module read from its files; for jax, keras_hub's layer
+    from the spec at `path`), puts the cache in place and runs MEMORY_STEPS steps. Returns MiB."""
+    import gc
+
     from .bench import _reset_peak, _status_mb
-    from .weights import init_weights
 
-    spec = Spec.load(spec_path)
-    weights = init_weights(spec)
-    cache = _filled_cache(spec, seed)
-    token = _token(spec, seed)
     if impl == "mhagen":
-        from .compile import compile_program
-        from .targets import get_target
-        from .trace import trace
-
-        import iree.runtime  # noqa: F401 - imported before the measured part
-
-        program = trace(spec, weights)
-        vmfb = compile_program(program.text, get_target(target)).vmfb
-        del program
-        import gc
+        from .runtime import load_bundle
 
         gc.collect()
         before = _status_mb("VmRSS")
         _reset_peak()
-        from .runtime import CompiledLayer
-
-        layer = CompiledLayer(_interface(spec, weights), vmfb, get_target(target))
-        del vmfb
-        call, _ = _mhagen_step(spec, weights, cache, token, target, layer=layer)
+        layer = load_bundle(path, target)
+        info = layer.interface["decoder"]
+        B, _, S, _, _ = info["cache_shape"]
+        d = layer.inputs[0].shape[-1]
+        token = np.random.default_rng(seed).standard_normal((B, 1, d)).astype(np.float32)
+        cache = layer.new_cache()
+        for _ in range(MEMORY_STEPS):
+            layer.decode(token, token, cache=cache, index=S - 1)
+        device_peak = layer._device.hal.allocator.statistics.get("device_bytes_peak")
     else:
         import jax  # noqa: F401 - imported before the measured part
         import keras_hub  # noqa: F401
 
+        from .weights import init_weights
+
+        spec = Spec.load(path)
+        weights = init_weights(spec)
+        cache = _filled_cache(spec, seed)
+        token = _token(spec, seed)
+        gc.collect()
         before = _status_mb("VmRSS")
         _reset_peak()
         call = _keras_hub_step(spec, weights, cache, token)
-    del cache
-    for _ in range(MEMORY_STEPS):
-        call()
+        del cache
+        for _ in range(MEMORY_STEPS):
+            call()
+        device_peak = None
     peak = _status_mb("VmHWM")
-    return {"rss_before_mb": before, "hwm_mb": peak, "peak_mb": max(0.0, peak - before)}
-
-
-def _interface(spec: Spec, weights: list[np.ndarray]) -> dict[str, Any]:
-    from .trace import trace
-
-    return trace(spec, weights).interface
+    return {"rss_before_mb": before, "hwm_mb": peak, "peak_mb": max(0.0, peak - before),
+            "device_peak_mb": None if device_peak is None else device_peak / 2**20}
 
 
 def measure_decode_peak(impl: str, spec: Spec, *, target: str = "cpu", seed: int = 0,
                         timeout: float = 900.0) -> tuple[float | None, str]:
-    """(peak MiB that loading `impl` and MEMORY_STEPS steps add, note), in a fresh subprocess."""
+    """(peak MiB that loading `impl`, its cache and MEMORY_STEPS steps add, note), measured in a fresh
+    subprocess; mhagen's layer is loaded from a bundle (weights in its parameter archive)."""
+    from .bundle import build_bundle
+    from .targets import get_target
+
     with tempfile.TemporaryDirectory(prefix="mhagen-bench-") as tmp:
         path = Path(tmp) / "spec.toml"
         path.write_text(spec.to_toml())
+        if impl == "mhagen":
+            path = Path(tmp) / "bundle"
+            build_bundle(spec, [get_target(target)], path, verify=False)
         cmd = [sys.executable, "-m", "mhagen.bench_decode", "--memory-child", impl, str(path), target, str(seed)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -232,7 +235,8 @@ def measure_decode_peak(impl: str, spec: Spec, *, target: str = "cpu", seed: int
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"failed: {tail[:200]}"
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data["peak_mb"], ""
+    note = "" if data.get("device_peak_mb") is None else f"IREE device allocations peak {data['device_peak_mb']:.1f} MiB"
+    return data["peak_mb"], note
 
 
 def decode_table(results: list[dict[str, Any]]) -> str:

@@ -144,6 +144,30 @@ def parameter_index(weights: Mapping[str, np.ndarray] | None = None, *, irpa: st
     return index
 
 
+# IREE reads a module in place from 64-byte aligned memory (`VmModule.wrap_buffer`).
+MODULE_ALIGNMENT = 64
+
+
+def aligned_buffer(data: Any) -> memoryview:
+    """A copy of `data` (bytes-like) in 64-byte aligned memory."""
+    src = np.frombuffer(data, dtype=np.uint8)
+    raw = np.empty(src.nbytes + MODULE_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % MODULE_ALIGNMENT
+    out = raw[start:start + src.nbytes]
+    out[...] = src
+    return memoryview(out)
+
+
+def _module_from_buffer(instance: Any, vmfb: Any) -> tuple[Any, Any]:
+    """The module read in place from `vmfb` where it is aligned, else from one aligned copy: its
+    weights (inline constants) are then held once, not once more by a copy inside IREE."""
+    import iree.runtime as rt
+
+    if np.frombuffer(vmfb, dtype=np.uint8).ctypes.data % MODULE_ALIGNMENT:
+        vmfb = aligned_buffer(vmfb)
+    return rt.VmModule.wrap_buffer(instance, vmfb), vmfb
+
+
 def load_module(vmfb: bytes, driver: str, *, parameters: Any = None) -> tuple[Device, Any]:
     """Load a .vmfb on `driver`: returns the device and the module's function table.
 
@@ -157,8 +181,9 @@ def load_module(vmfb: bytes, driver: str, *, parameters: Any = None) -> tuple[De
         if parameters is not None:
             provider = parameters.create_provider(scope=PARAMETER_SCOPE)
             modules.append(rt.create_io_parameters_module(device.config.vm_instance, provider))
-        module = rt.VmModule.copy_buffer(device.config.vm_instance, vmfb)
+        module, held = _module_from_buffer(device.config.vm_instance, vmfb)
         context = rt.SystemContext(vm_modules=modules + [module], config=device.config)
+        context._mhagen_module_buffer = held        # the module reads from it while the context lives
         functions = context.modules[module.name]
     except (RuntimeError, ValueError) as exc:
         raise MhagenRuntimeError(f"IREE runtime could not load the module on `{driver}`: "
