@@ -671,14 +671,19 @@ def run_suite(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
-    results = [bench_spec(Spec.load(p), name=p.stem, target=target, memory=memory, progress=progress,
-                          **kwargs) for p in specs]
+    loaded = [(p, Spec.load(p)) for p in specs]
+    results = [bench_spec(spec, name=p.stem, target=target, memory=memory, progress=progress,
+                          **kwargs) for p, spec in loaded if not spec.is_decoder]
+    decoding = [_bench_decoder(spec, p.stem, target=target, memory=memory, progress=progress,
+                               repeats=kwargs.get("repeats", DEFAULT_REPEATS))
+                for p, spec in loaded if spec.is_decoder]
     seconds = time.perf_counter() - start
     env = environment(target)
     # Other processes on the machine slow both implementations, IREE's short dispatches the most.
     env["load_average"] = {"before": load_before, "after_1min": os.getloadavg()[0]}
     (out / "results.json").write_text(json.dumps(
-        {"environment": env, "seconds": seconds, "results": [r.to_dict() for r in results]}, indent=2))
+        {"environment": env, "seconds": seconds, "results": [r.to_dict() for r in results],
+         "decode": decoding}, indent=2))
     note = plot(results, out / "results.png")
     tuning = f", tuning spec `{env['tuning_spec']}`" if env.get("tuning_spec") else ""
     peers = _peer_names(results)
@@ -705,10 +710,24 @@ def run_suite(
                  "last 64): float32 at atol 1e-5, OpenVINO bf16 (its default on CPUs with AVX-512 BF16, "
                  "not float32) at bfloat16's 5e-2. \"mismatch\": outside the tolerance, not timed; "
                  "\"skipped\": the graph cannot express the spec (see results.json).\n"]
+    if decoding:
+        from .bench_decode import DECODE_NOTE, decode_table
+
+        text += ["\n## Decoding: one token per step over a KV cache\n", decode_table(decoding), DECODE_NOTE]
     if note:
         text.append(f"\n({note})\n")
     (out / "results.md").write_text("\n".join(text))
     return results
+
+
+def _bench_decoder(spec: Spec, name: str, *, target: str, memory: bool, progress: Any, repeats: int
+                   ) -> dict[str, Any]:
+    """A decoder spec in the suite: `mhagen.bench_decode.bench_decode`, named."""
+    from .bench_decode import bench_decode
+
+    if progress:
+        progress(f"{name}: decode steps (mhagen, keras_hub under jax.jit)")
+    return {"name": name, **bench_decode(spec, target=target, repeats=repeats, memory=memory)}
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -762,7 +781,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not args.spec:
             raise MhagenError("Received an invalid value for argument `spec`, expected a spec file "
                               "(or --suite FOLDER). Received: spec=None")
-        results = [bench_spec(Spec.load(args.spec), name=Path(args.spec).stem, **common)]
+        spec = Spec.load(args.spec)
+        if spec.is_decoder:
+            from .bench_decode import DECODE_NOTE, decode_table
+
+            result = _bench_decoder(spec, Path(args.spec).stem, target=args.target, memory=not args.no_memory,
+                                    progress=progress, repeats=args.repeats)
+            print(decode_table([result]) + DECODE_NOTE)
+            if args.json:
+                Path(args.json).write_text(json.dumps(
+                    {"environment": environment(args.target), "decode": [result]}, indent=2))
+            return 0
+        results = [bench_spec(spec, name=Path(args.spec).stem, **common)]
         out.print(rich_table(results[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(
