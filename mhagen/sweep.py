@@ -34,11 +34,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import CompileError, MhagenError, SpecError
+
+if TYPE_CHECKING:
+    from .spec import Spec
+    from .targets import Target
 
 __all__ = ["SweepCase", "Cell", "Matrix", "find_specs", "load_cases", "sweep", "RESOURCE_BY_DRIVER",
            "resource_for", "STATUSES", "MAX_RETRIES", "connect_ray", "run_many"]
@@ -73,7 +77,7 @@ class SweepCase:
     (a list in Keras `get_weights()` order, normalized)."""
 
     name: str
-    spec: Any
+    spec: Spec
     weights: tuple[np.ndarray, ...]
 
 
@@ -168,7 +172,7 @@ def load_cases(paths: Sequence[str | Path], *, root: str | Path | None = None) -
     return cases
 
 
-def resource_for(target: Any) -> str:
+def resource_for(target: Target) -> str:
     """The Ray custom resource a run job for `target` needs (see `RESOURCE_BY_DRIVER`)."""
     return RESOURCE_BY_DRIVER.get(target.driver, target.driver)
 
@@ -485,7 +489,7 @@ def _host_port(address: str) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
-def sweep(cases: Sequence[SweepCase], targets: Sequence[Any], *, seed: int = 0, jobs: int | None = None,
+def sweep(cases: Sequence[SweepCase], targets: Sequence[Target], *, seed: int = 0, jobs: int | None = None,
           ray_address: str | None = None, on_cell: Callable[[Cell, int, int], None] | None = None) -> Matrix:
     """Verify every case on every target; returns the matrix (cases x targets).
 
@@ -700,7 +704,7 @@ _SHORT = {"pass": "pass", "FAIL": "FAIL", "refused": "refused", "compiled, not r
           "compile failed": "compile failed", "error": "error"}
 
 
-def cmd_sweep(args: Any, targets: list[Any]) -> int:
+def cmd_sweep(args: Any, targets: list[Target]) -> int:
     """`mhagen verify --sweep DIR --targets ...`: prints the matrix (and writes it with --json);
     exit 1 when a cell failed (FAIL, compile failed, error)."""
     from rich.console import Console
@@ -732,7 +736,7 @@ def cmd_sweep(args: Any, targets: list[Any]) -> int:
     console.print(table)
     # Why cells did not pass, one line per distinct reason (a target refusing a dtype says it once).
     reasons: dict[tuple[str, str], list[str]] = {}
-    for c in matrix.cells.values():
+    for c in (matrix.cell(s, t) for s in matrix.specs for t in matrix.targets):
         if c.status != "pass":
             reasons.setdefault((c.status, c.reason), []).append(f"{c.spec} x {c.target}")
     for (status, reason), where in reasons.items():
