@@ -6,12 +6,23 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import mhagen
+# TensorFlow never loads in a pytest process that may open Vulkan: once it is imported, IREE's
+# Vulkan driver on Mesa lavapipe segfaults in that process (lavapipe's LLVM binds TensorFlow's
+# LLVM symbols), and with the `interop` extra installed Keras 3 imports it from any get_config()
+# or save (keras.src.utils.module_utils.tensorflow). Marked absent, Keras runs as where
+# TensorFlow is not installed. Tests that need TensorFlow (tests/test_keras_interop.py) run in a
+# pytest process of their own, which sets MHAGEN_TEST_TENSORFLOW=1.
+TENSORFLOW_ALLOWED = os.environ.get("MHAGEN_TEST_TENSORFLOW") == "1"
+if not TENSORFLOW_ALLOWED:
+    sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
+
+import mhagen  # noqa: E402 - after the TensorFlow guard
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
