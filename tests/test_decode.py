@@ -249,3 +249,35 @@ def test_steps_equal_keras_hub_cached_attention(hub_case, target: str) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"output at {at}")
         np.testing.assert_allclose(np.asarray(cache), want_cache, rtol=0, atol=1e-5, err_msg=f"cache at {at}")
     assert worst < 1e-5
+
+
+def test_transformer_decoder_attention_from_a_keras_file(keras, tmp_path) -> None:
+    """The self-attention inside a keras_hub TransformerDecoder, read by path from a saved .keras
+    file, built as a decoder: its steps equal the live layer's cached calls."""
+    keras_hub = pytest.importorskip("keras_hub", reason="keras_hub is not installed (the interop extra)")
+    from mhagen.keras_io import read_keras
+
+    dec = keras_hub.layers.TransformerDecoder(32, 2, name="dec")
+    inputs = keras.Input((T, D))
+    model = keras.Model(inputs, dec(inputs))
+    model.save(tmp_path / "decoder.keras")
+    found = read_keras(tmp_path / "decoder.keras", layer="dec/self_attention")
+    spec = mhagen.Spec.from_keras_config(found.config, query_shape=(B, T, D), value_shape=(B, T, D),
+                                         use_causal_mask=True, cache_max_length=16)
+    weights = mhagen.weights_from_keras(tmp_path / "decoder.keras", layer="dec/self_attention")
+    layer = mhagen.build(spec, target="cpu", weights=weights)
+    live = dec._self_attention_layer
+    x = tokens(6, 31)
+    cache = np.zeros(spec.cache_shape, np.float32)
+    ours = None
+    for at, n in ((0, 5), (5, 1)):
+        mask = np.broadcast_to(np.arange(16)[None, None, :] <= (at + np.arange(n))[None, :, None], (B, n, 16))
+        want, cache = live(x[:, at:at + n], x[:, at:at + n], attention_mask=mask, cache=cache,
+                           cache_update_index=at)
+        cache = np.asarray(cache)
+        if ours is None:
+            got, ours = layer.prefill(x[:, :n], x[:, :n])
+        else:
+            got, ours = layer.decode(x[:, at:at + n], x[:, at:at + n], cache=ours)
+        np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ours), cache, rtol=0, atol=1e-5)
