@@ -395,7 +395,11 @@ class _Ray:
 
         self._ray = ray
         self._owns = owns_connection
-        self.name = f"Ray cluster at {ray.get_runtime_context().gcs_address}"
+        try:
+            address = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - a Ray Client connection (ray://) does not say
+            address = "the address given"
+        self.name = f"Ray cluster at {address}"
         # SPREAD: a sweep is many short jobs, which Ray would otherwise queue on the driver's node.
         options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False,
                    "scheduling_strategy": "SPREAD"}
