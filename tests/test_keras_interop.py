@@ -1,8 +1,9 @@
 """Keras interop against files written by the real libraries (issue 14): tf_keras 2.x (`.keras`,
 `.weights.h5`, whole-model `.h5`, `save_weights` `.h5`, SavedModel directories) and Keras 3 /
 keras_hub (nested layers and models). Every case either imports the layer the user named, with
-that layer's own weights, and reproduces it within 1e-5 in float32 on cpu, or is refused in one
-line; none reads another layer's weights.
+that layer's own weights, and reproduces the source model within 1e-5 in float32 (on cpu; the
+`test_conformance_*` cases on cpu, vmvx and vulkan, through `mhagen verify` and the reference output
+`import-keras` writes), or is refused in one line; none reads another layer's weights.
 
 tf_keras and keras_hub are heavy (TensorFlow, the `interop` extra): each test skips, saying why,
 where they are absent. TensorFlow and IREE's Vulkan driver on lavapipe cannot share a process, so

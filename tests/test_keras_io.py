@@ -298,3 +298,17 @@ def test_import_keras_refuses_a_stale_npz_that_build_would_prefer(
     assert main(["import-keras", str(saved_model), "--query-shape", "2,8,16", "--value-shape", "2,4,16",
                  "--format", "safetensors", "--out", str(tmp_path / "s.toml")]) == 2
     assert "would load it before s.safetensors" in capsys.readouterr().err
+
+
+def test_verify_reference_file_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --reference` reads only a SourceReference .npz; anything else is one line (exit 2)."""
+    from corpus import refuses
+
+    spec = tmp_path / "s.toml"
+    spec.write_text("[layer]\nnum_heads = 2\nkey_dim = 4\n[call]\nquery = [2, 3, 8]\nvalue = [2, 3, 8]\n")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    refuses(["verify", str(spec), "--reference", str(tmp_path / "bad.npz")], capsys,
+            needle="is not a readable .npz", max_lines=1)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    refuses(["verify", str(spec), "--reference", str(tmp_path / "other.npz")], capsys,
+            needle="expected source, input_query", max_lines=1)
