@@ -80,8 +80,8 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
     failure; write the reports into `out` and return the run (as results.json holds it).
 
     `on_event(kind, data)` hears "case" (a case drawn: id, spec), "target" (a target about to run),
-    "result" (a case finished: its dict), "shrink" (a failure being shrunk) and "failure" (one
-    written). Ctrl-C writes the reports of the finished cases and raises KeyboardInterrupt.
+    "result" (every target ran: the case's dict), "shrink" (a failure being shrunk) and "failure"
+    (one shrunk and written). Ctrl-C writes the reports of the finished cases and raises KeyboardInterrupt.
     """
     if budget_s is None and max_cases is None:
         raise MhagenError("fuzz needs a budget or a number of cases")
@@ -111,12 +111,12 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
                 for name in names:
                     emit("target", {"case": case["id"], "target": name})
                     case["results"][name] = worker(run_case, case["spec"], name, case_seed)
+                emit("result", case)
                 failures = [_shrink_and_write(worker, case, name, result, out, seed,
                                               (shrink_tries, shrink_seconds), emit)
                             for name, result in case["results"].items() if result["status"] == "failed"]
                 run["cases"].append(case)
                 run["failures"] += failures
-                emit("result", case)
     except KeyboardInterrupt:
         run["stopped"] = "interrupted"
         run["seconds"] = round(time.monotonic() - start, 1)
