@@ -308,10 +308,16 @@ def test_ray_two_nodes_survive_a_node_kill(specs: Path, local) -> None:
             if cell.status == "pass":
                 assert cell.where == head or (cell.where == worker and target == "vulkan"), cell
         assert matrix.compiles == 2 * N_SPECS
+        # Any per-case job (as `mhagen fuzz` has) on the cluster, routed by its resource.
+        from mhagen.sweep import trace_job
+
+        case = by_name["spec03.toml"]
+        program, _ = trace_job(case)
+        [(_, cell)] = run_many(run_job, [(case, program, None, "vmvx", 0)], ray_address=cluster.address,
+                               resource_of=lambda args: "local-sync")
+        assert cell.status == "pass" and cell.where == head, cell
         # No node declares `cuda`: its cells say so instead of waiting for one.
-        t = time.perf_counter()
         lone = sweep(cases[:1], parse_targets("cuda-sm80"), ray_address=cluster.address)
-        print(f"cuda sweep {time.perf_counter() - t:.1f} s")
         cell = lone.cell(cases[0].name, "cuda-sm80")
         assert cell.status == "compiled, not run" and "`cuda` resource" in cell.reason, cell
     finally:
