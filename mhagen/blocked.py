@@ -6,7 +6,9 @@ blocks and, for each, the key blocks it may see, keeping a running maximum and a
 context and denominator (the online softmax). Memory is then O(T); with a causal mask or a sliding
 window, key blocks that no query of the block may attend to are skipped. Short sequences take all
 keys in one step, for a batch group or a block of query rows small enough that the step's scores
-stay in the caches, which is faster than Keras' formulation on CPU as well.
+stay in the caches, which is faster than Keras' formulation on CPU as well. Past LOOP_STEPS steps
+the blocks are walked by loops (a scan over query blocks, a loop over the key blocks in reach),
+so the program and its compile time stay the same at any T.
 
 The result is Keras' explicit path up to float rounding: masked scores are replaced by
 `large_negative` before the softmax (a NaN score there is dropped, as Keras drops it) and masked
@@ -33,8 +35,8 @@ from .errors import SpecError
 from .spec import Spec
 
 __all__ = ["AttentionPath", "ProjectedRows", "attention", "blocked_eligible", "choose_path",
-           "default_block", "static_steps", "DEFAULT_BLOCK", "MIN_QUERY_BLOCK", "QUERY_BLOCK_SCORES_BYTES",
-           "SINGLE_BLOCK_MAX_SCORES", "STEP_BUDGET", "STEP_SCORES_BYTES"]
+           "default_block", "loops", "static_steps", "DEFAULT_BLOCK", "LOOP_STEPS", "MIN_QUERY_BLOCK",
+           "QUERY_BLOCK_SCORES_BYTES", "SINGLE_BLOCK_MAX_SCORES", "STEP_BUDGET", "STEP_SCORES_BYTES"]
 
 # Up to this many scores per (batch, head), T * S, a step covers all keys (BERT at T = 512,
 # cross-attention at 128 x 1024; queries split as QUERY_BLOCK_SCORES_BYTES says); longer sequences
@@ -60,8 +62,16 @@ STEP_SCORES_BYTES = 1 << 20
 # Measured on 2 cores: T = 8192 causal (528 steps) traced in 1.5 s and compiled in 35 s; T = 16384
 # causal (2080 steps) in 8.4 s and 265 s; T = 16384 (4096 steps) traced in 10.6 s, so it compiles in
 # about 9 minutes; T = 32768 causal (8256 steps) took 38 s to trace. T = 10^6 would be 15 million
-# steps. A looped blocked path will lift this budget.
+# steps. Past LOOP_STEPS the path loops, so only many buckets of unrolled steps can reach it.
 STEP_BUDGET = 4096
+# Past this many unrolled steps, `attention` loops instead: a scan over query blocks and, in each,
+# a loop over the key blocks in reach, so the program and its compile time do not grow with T.
+# Causal, 8 heads x 64, 256 x 256 blocks, on 2 loaded cores (load average 8-12; calls interleaved
+# in one process): T = 4096 looped ran in 0.99x the unrolled time (136 steps) and T = 8192 in 0.75x
+# (528 steps); 512 x 512 looped blocks took 1.29x at T = 4096. Trace + compile from a cold cache:
+# unrolled T = 4096 7.2 + 151 s; looped T = 4096 1.0 + 37 s, T = 65536 0.6 + 24 s (the same
+# program). Up to 64 steps (BERT, cross-attention, causal T <= 2048) the steps stay unrolled.
+LOOP_STEPS = 64
 
 
 class AttentionPath(enum.Enum):
@@ -130,15 +140,36 @@ def _batch_block(B: int, T: int, S: int, N: int, itemsize: int, block: tuple[int
 
 def static_steps(B: int, T: int, S: int, heads: int, itemsize: int, *, causal: bool = False,
                  window: int | None = None, limit: int | None = None) -> tuple[int, bool]:
-    """(steps, exact): how many steps `attention` unrolls for q (B, T, N, H) and k (B, S, N, H) with
-    its default blocks, counted without tracing: one per (batch group, query block, key block in
-    reach), a query block with no key in reach counting one (its zero context). With a causal mask
-    or a window and more query blocks than `limit`, the count stops at a lower bound (exact False).
+    """(steps, exact): how many steps the program `attention` traces holds for q (B, T, N, H) and
+    k (B, S, N, H) with its default blocks, counted without tracing: unrolled, one per (batch group,
+    query block, key block in reach), a query block with no key in reach counting one (its zero
+    context); looped (`loops`), the loop bodies and ragged edges, at most 4. With a causal mask or a
+    window and more query blocks than `limit`, the unrolled count stops at a lower bound (exact False).
 
-    >>> static_steps(1, 8192, 8192, 8, 4, causal=True)       # 32 query blocks of 256, 1..32 key blocks
-    (528, True)
+    >>> static_steps(1, 2048, 2048, 8, 4, causal=True)       # 8 query blocks of 256, 1..8 key blocks
+    (36, True)
+    >>> static_steps(1, 8192, 8192, 8, 4, causal=True)       # 528 unrolled: looped, one scan body
+    (1, True)
     """
     bq, bk = default_block(T, S, heads, itemsize)
+    if loops(B, T, S, heads, itemsize, causal=causal, window=window, block=(bq, bk)):
+        return (1 + (T % bq > 0)) * (1 + (S % bk > 0)), True
+    return _unrolled_steps(B, T, S, heads, itemsize, causal=causal, window=window, limit=limit, block=(bq, bk))
+
+
+def loops(B: int, T: int, S: int, heads: int, itemsize: int, *, causal: bool = False,
+          window: int | None = None, block: tuple[int, int] | None = None) -> bool:
+    """Whether `attention` loops over the blocks (more than LOOP_STEPS unrolled steps) rather than
+    unrolling them."""
+    block = block or default_block(T, S, heads, itemsize)
+    steps, _ = _unrolled_steps(B, T, S, heads, itemsize, causal=causal, window=window, limit=LOOP_STEPS,
+                               block=block)
+    return steps > LOOP_STEPS
+
+
+def _unrolled_steps(B: int, T: int, S: int, heads: int, itemsize: int, *, causal: bool, window: int | None,
+                    limit: int | None, block: tuple[int, int]) -> tuple[int, bool]:
+    bq, bk = block
     groups = -(-B // _batch_block(B, T, S, heads, itemsize, (bq, bk)))
     rows = -(-T // bq)
     if not causal and window is None:
@@ -216,10 +247,11 @@ def attention(
     block sizes and `batch_block` how many batch elements a step takes (default: as many as keep
     one step's scores within `STEP_SCORES_BYTES`).
 
-    The blocks are static: the program holds one step per (batch, query block, key block) that
-    some query may attend to, and no loop (IREE would sync with the host on every iteration of a
-    loop whose offsets are computed on the device). Each step's scores `(N, bq, bk)` are meant to
-    stay in the CPU's caches.
+    Up to LOOP_STEPS steps the blocks are static: the program holds one step per (batch, query
+    block, key block) that some query may attend to, and no loop (IREE syncs with the host on every
+    iteration of a loop whose offsets are computed on the device). Past that, a scan over query
+    blocks and a loop over the key blocks each may see (`_looped`): the program's size no longer
+    grows with T. Each step's scores `(N, bq, bk)` are meant to stay in the CPU's caches.
     """
     import jax.numpy as jnp
     from jax import lax
@@ -230,6 +262,9 @@ def attention(
     dtype = k_shape.dtype
     itemsize = jnp.dtype(dtype).itemsize
     bq, bk = block or default_block(T, S, N, itemsize)
+    if loops(B, T, S, N, itemsize, causal=causal, window=sliding_window, block=(bq, bk)):
+        return _looped(q, k, v, mask=mask, causal=causal, window=sliding_window,
+                       large_negative=large_negative, block=(min(bq, T), min(bk, S)))
     if bk >= S:                           # one key block: one projection each, as large as it gets
         q, k, v = (x.project(x.source) if isinstance(x, ProjectedRows) else x for x in (q, k, v))
     projected: dict[tuple[int, ...], Any] = {}
@@ -316,3 +351,102 @@ def attention(
             blocks.append(jnp.transpose(ctx, (0, 2, 1, 3)))
         out.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+
+
+def _looped(q: Any, k: Any, v: Any, *, mask: Any, causal: bool, window: int | None, large_negative: float,
+            block: tuple[int, int]) -> Any:
+    """`attention` as loops: `lax.scan` over the full query blocks, and in each a `fori_loop` over
+    the full key blocks some row of the block may see (bounds computed from the block's offset
+    under the causal mask and the window); a ragged last query block and a ragged last key block
+    are one more step each, outside the loops. Same arguments and result as `attention`.
+
+    K and V are projected whole before the loops (each key block is used by every query block);
+    Q is projected one block at a time inside the scan. Every step applies the masks with offsets
+    computed on the device, so blocks that need no mask pay for a compare and two selects.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    bq, bk = block
+    k, v = (x.project(x.source) if isinstance(x, ProjectedRows) else x for x in (k, v))
+    B, T = _projected_shape(q).shape[:2]
+    S, N, Hv = k.shape[1], k.shape[2], v.shape[3]
+    dtype = k.dtype
+    penalty = jnp.asarray(large_negative, dtype)
+    zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        while mask.ndim < 4:
+            mask = mask[None]
+
+    def query_rows(r0: Any, rows: int) -> Any:
+        if isinstance(q, ProjectedRows):
+            return q.project(lax.dynamic_slice_in_dim(q.source, r0, rows, axis=1))
+        return lax.dynamic_slice_in_dim(q, r0, rows, axis=1)
+
+    def allowed(r0: Any, c0: Any, rows: int, cols: int) -> Any:
+        """Boolean (.., rows, cols) for the block at (r0, c0), or None when nothing is masked."""
+        ok = None
+        if causal or window is not None:
+            shape = (rows, cols)
+            d = lax.broadcasted_iota(jnp.int32, shape, 0) - lax.broadcasted_iota(jnp.int32, shape, 1)
+            offset = c0 - r0
+            if causal:                                  # r0 + a >= c0 + b
+                ok = d >= offset
+            if window is not None:                      # |r0 + a - c0 - b| < window
+                near = (d > offset - window) & (d < offset + window)
+                ok = near if ok is None else ok & near
+        if mask is not None:
+            m = mask
+            if m.shape[2] > 1:
+                m = lax.dynamic_slice_in_dim(m, r0, rows, axis=2)
+            if m.shape[3] > 1:
+                m = lax.dynamic_slice_in_dim(m, c0, cols, axis=3)
+            ok = m if ok is None else ok & m
+        return ok
+
+    def step(state: tuple[Any, Any], qi: Any, r0: Any, c0: Any, rows: int, cols: int) -> tuple[Any, Any]:
+        """One key block [c0, c0 + cols) into the running (max, [sum_j p v | sum_j p])."""
+        kj = lax.dynamic_slice_in_dim(k, c0, cols, axis=1)
+        vj = lax.dynamic_slice_in_dim(v, c0, cols, axis=1)
+        s = lax.dot_general(qi, kj, (((3,), (3,)), ((0, 2), (0, 2))))       # (B, N, rows, cols)
+        ok = allowed(r0, c0, rows, cols)
+        if ok is not None:
+            s = jnp.where(ok, s, penalty)
+        m = jnp.maximum(state[0], jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m)
+        if ok is not None:
+            p = jnp.where(ok, p, zero)
+        num = lax.dot_general(p, vj, (((3,), (1,)), ((0, 1), (0, 2))))      # (B, N, rows, Hv)
+        pv = jnp.concatenate([num, jnp.sum(p, axis=-1, keepdims=True)], axis=-1)
+        return m, jnp.exp(state[0] - m) * state[1] + pv
+
+    full_keys = S // bk
+
+    def row_block(r0: Any, rows: int) -> Any:
+        """Context rows [r0, r0 + rows): (B, rows, N, Hv)."""
+        qi = query_rows(r0, rows)
+        lo, hi = 0, S
+        if causal:
+            hi = jnp.minimum(hi, r0 + rows)
+        if window is not None:
+            lo = jnp.maximum(lo, r0 - window + 1)
+            hi = jnp.minimum(hi, r0 + rows + window - 1)
+        j0 = lo // bk
+        j1 = jnp.minimum((hi + bk - 1) // bk, full_keys)
+        state = (jnp.full((B, N, rows, 1), -jnp.inf, dtype), jnp.zeros((B, N, rows, Hv + 1), dtype))
+        state = lax.fori_loop(j0, jnp.maximum(j0, j1),
+                              lambda j, st: step(st, qi, r0, j * bk, rows, bk), state)
+        if S % bk:                          # the ragged last key block, masked like any other
+            state = step(state, qi, r0, full_keys * bk, rows, S % bk)
+        num, den = state[1][..., :Hv], state[1][..., Hv:]
+        ctx = num / jnp.where(den > 0, den, one)                 # no key in reach: 0 / 1
+        return jnp.transpose(ctx, (0, 2, 1, 3))
+
+    full_rows = T // bq
+    _, blocks = lax.scan(lambda carry, i: (carry, row_block(i * bq, bq)), None,
+                         jnp.arange(full_rows, dtype=jnp.int32))
+    out = jnp.moveaxis(blocks, 0, 1).reshape(B, full_rows * bq, N, Hv)
+    if T % bq:
+        out = jnp.concatenate([out, row_block(full_rows * bq, T % bq)], axis=1)
+    return out

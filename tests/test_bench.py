@@ -127,6 +127,66 @@ def test_default_query_blocks_match_oracle(name: str, monkeypatch) -> None:
     np.testing.assert_allclose(got, mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(BLOCKED_CASES))
+def test_looped_blocked_path_matches_oracle(name: str, monkeypatch) -> None:
+    """The looped form (scan over query blocks, a loop over the key blocks in reach, ragged edges
+    as one more step each), forced at small sizes."""
+    import jax
+
+    import mhagen.blocked
+
+    monkeypatch.setattr(mhagen.blocked, "LOOP_STEPS", 0)
+    spec = make_spec(*BLOCKED_CASES[name])
+    weights = mhagen.init_weights(spec)
+    inputs = _blocked_inputs(spec)
+    args = [inputs[t.name] for t in input_signature(spec)]
+    for block in ((2, 3), (4, 4)):
+        fn = forward(spec, attention="blocked", block=block)
+        assert "while" in str(jax.make_jaxpr(fn)(*args, *weights))
+        got = np.asarray(jax.jit(fn)(*args, *weights))
+        np.testing.assert_allclose(got, mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
+
+
+def test_looped_program_does_not_grow_with_T() -> None:
+    """Causal, 8 heads x 64: T = 4096 and T = 65536 trace to the same program (two dot_generals in
+    the key loop, the four projections), and T = 10^6 passes the trace budget."""
+    import jax
+
+    from mhagen.blocked import loops, static_steps
+    from mhagen.trace import check_trace_budget
+
+    texts = []
+    for T in (4096, 65536):
+        spec = make_spec({"num_heads": 8, "key_dim": 64}, {"query": [1, T, 512], "value": [1, T, 512],
+                                                           "use_causal_mask": True})
+        assert loops(1, T, T, 8, 4, causal=True)
+        avals = [jax.ShapeDtypeStruct(t.shape, np.dtype(t.dtype)) for t in input_signature(spec)]
+        avals += [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in mhagen.init_weights(spec)]
+        texts.append(jax.jit(forward(spec)).lower(*avals).as_text())
+    assert [t.count("stablehlo.dot_general") for t in texts] == [6, 6]
+    assert abs(len(texts[0]) - len(texts[1])) < 200
+    assert static_steps(1, 65536, 65536, 8, 4, causal=True) == (1, True)
+    assert static_steps(1, 10 ** 6, 10 ** 6, 8, 4, causal=True) == (4, True)   # ragged last blocks
+    check_trace_budget(make_spec({"num_heads": 8, "key_dim": 64},
+                                 {"query": [1, 10 ** 6, 512], "value": [1, 10 ** 6, 512], "use_causal_mask": True}))
+
+
+@pytest.mark.slow  # 10-30 s: compiles the looped path for the CPU
+def test_looped_path_compiled_for_cpu_matches_oracle(monkeypatch) -> None:
+    import mhagen.blocked
+
+    monkeypatch.setattr(mhagen.blocked, "LOOP_STEPS", 0)
+    monkeypatch.setattr(mhagen.blocked, "SINGLE_BLOCK_MAX_SCORES", 0)
+    monkeypatch.setattr(mhagen.blocked, "DEFAULT_BLOCK", (16, 32))
+    spec = make_spec({"num_heads": 2, "key_dim": 8, "sliding_window": 40},
+                     {"query": [2, 100, 16], "value": [2, 90, 16], "use_causal_mask": True, "attention_mask": True})
+    weights = mhagen.init_weights(spec)
+    layer = mhagen.build(spec, target="cpu", weights=weights, verify=False)
+    assert "stablehlo.while" in layer.stablehlo
+    inputs = _blocked_inputs(spec)
+    np.testing.assert_allclose(layer(**inputs), mhagen.reference(spec, weights, **inputs), atol=ATOL, rtol=0)
+
+
 @pytest.mark.slow  # 7-29 s each: compiles the blocked path for the CPU
 @pytest.mark.parametrize("name", ["mask_causal_window", "causal_T_gt_S"])
 def test_blocked_path_compiled_for_cpu_matches_oracle(name: str) -> None:

@@ -241,28 +241,33 @@ def test_dynamic_maxima_at_the_declared_shape_are_fine() -> None:
 # ---- the step budget -----------------------------------------------------------------------------
 
 def test_step_budget_refused_fast(tmp_path: Path, capsys, no_work: list[str]) -> None:
-    """T = 10^6 on the blocked path would unroll 15 million steps (it used to trace forever)."""
+    """T = 10^6 on the blocked path would unroll 15 million steps (it used to trace forever); the
+    path loops there now, so the trace budget passes, and verifying is refused at once for the
+    oracle's memory (80 TiB of float64 scores), with the way out."""
+    from mhagen.trace import check_trace_budget
+
     path = _write(tmp_path, "num_heads = 2\nkey_dim = 4\n", "query = [1, 1000000, 8]\nvalue = [1, 1000000, 8]\n")
     work = tmp_path / "work"
     work.mkdir()
-    needle = [f"unrolls in at most {STEP_BUDGET} static steps", "this spec needs 15264649"]
     started = time.perf_counter()
-    refuses(["build", str(path), "--out", str(work / "out"), "--no-verify"], capsys, needle=needle, watch=[work])
-    with pytest.raises(mhagen.SpecError, match="this spec needs 15264649"):
+    check_trace_budget(mhagen.Spec.load(path))
+    refuses(["build", str(path), "--out", str(work / "out")], capsys, needle=["--no-verify", "TiB"], watch=[work])
+    with pytest.raises(mhagen.SpecError, match="--no-verify"):
         mhagen.build(path, target="cpu")
     assert time.perf_counter() - started < 2.0
     assert no_work == []
 
 
-def test_trace_checks_the_step_budget_itself() -> None:
+def test_trace_of_a_long_sequence_loops() -> None:
+    """T = 40000 causal (12403 unrolled steps) traces to the looped program, in about a second."""
     from mhagen.trace import trace
 
     spec = mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 4},
                                   "call": {"query": [1, 40000, 8], "value": [1, 40000, 8], "use_causal_mask": True}})
     started = time.perf_counter()
-    with pytest.raises(mhagen.SpecError, match="this spec needs 12403"):
-        trace(spec)
-    assert time.perf_counter() - started < 2.0
+    program = trace(spec)
+    assert "stablehlo.while" in program.text and len(program.text) < 200_000
+    assert time.perf_counter() - started < 20.0
 
 
 @pytest.mark.parametrize("B,T,S,heads,causal,window", [
