@@ -17,7 +17,7 @@ import numpy as np
 from .errors import CallError
 from .spec import Spec
 
-__all__ = ["reference", "reference_step"]
+__all__ = ["reference", "reference_step", "reference_cache"]
 
 
 def _names(use_bias: bool, use_gate: bool) -> list[str]:
@@ -158,57 +158,78 @@ def reference(
     return out
 
 
+def _weights64(spec: Spec, weights: Sequence[Any] | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    names = _names(spec.layer.use_bias, spec.layer.use_gate)
+    return ({n: _float64(weights[n]) for n in names} if isinstance(weights, Mapping)
+            else dict(zip(names, (_float64(a) for a in weights))))
+
+
+def _project(spec: Spec, w: Mapping[str, np.ndarray], x: np.ndarray, name: str) -> np.ndarray:
+    """(B, t, D) -> (B, t, N, H)."""
+    out = np.tensordot(x, w[f"{name}/kernel"], axes=([-1], [0]))
+    return out + w[f"{name}/bias"] if spec.layer.use_bias else out
+
+
+def reference_cache(spec: Spec, weights: Sequence[Any] | Mapping[str, Any], value: Any, key: Any = None
+                    ) -> np.ndarray:
+    """A cross-attention cache in float64: the encoder output's projected keys, then values,
+    `(B, 2, S, N, H)`, as keras_hub's TransformerDecoder caches them."""
+    w = _weights64(spec, weights)
+    v = _float64(value)
+    k = v if key is None else _float64(key)
+    return np.stack([_project(spec, w, k, "key"), _project(spec, w, v, "value")], axis=1)
+
+
 def reference_step(
     spec: Spec,
     weights: Sequence[Any] | Mapping[str, Any],
     cache: Any,
-    index: int,
+    index: int | None,
     query: Any,
-    value: Any,
+    value: Any = None,
     key: Any = None,
     attention_mask: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One decoder step in float64, as keras_hub's CachedMultiHeadAttention computes it: the t new
     tokens' projected keys and values are written into `cache` (B, 2, S, N, H) at `index`, and
     token j attends to cache positions 0 .. index + j (and those its `(B, t, S)` mask allows).
-    Returns (output (B, t, E), the new cache); `cache` itself is not changed.
+    With `index=None` (a static cross-attention cache) nothing is written and every position the
+    mask allows is attended to. Returns (output (B, t, E), the new cache); `cache` is not changed.
     """
     layer = spec.layer
-    names = _names(layer.use_bias, layer.use_gate)
-    w = ({n: _float64(weights[n]) for n in names} if isinstance(weights, Mapping)
-         else dict(zip(names, (_float64(a) for a in weights))))
-    q, v = _float64(query), _float64(value)
-    k = v if key is None else _float64(key)
+    w = _weights64(spec, weights)
+    q = _float64(query)
     cache = _float64(cache).copy()
     t, S = q.shape[1], cache.shape[2]
-    if index < 0 or index + t > S:
-        raise CallError(f"a step of {t} token(s) at index {index} does not fit the cache length {S}")
-
-    def project(x: np.ndarray, name: str) -> np.ndarray:        # (B, t, D) -> (B, t, N, H)
-        out = np.tensordot(x, w[f"{name}/kernel"], axes=([-1], [0]))
-        return out + w[f"{name}/bias"] if layer.use_bias else out
-
-    cache[:, 0, index:index + t] = project(k, "key")
-    cache[:, 1, index:index + t] = project(v, "value")
-    qh = (project(q, "query") / np.sqrt(layer.key_dim)).transpose(0, 2, 1, 3)    # (B, N, t, H)
+    if index is not None:
+        v = _float64(value)
+        k = v if key is None else _float64(key)
+        if index < 0 or index + t > S:
+            raise CallError(f"a step of {t} token(s) at index {index} does not fit the cache length {S}")
+        cache[:, 0, index:index + t] = _project(spec, w, k, "key")
+        cache[:, 1, index:index + t] = _project(spec, w, v, "value")
+    qh = (_project(spec, w, q, "query") / np.sqrt(layer.key_dim)).transpose(0, 2, 1, 3)  # (B, N, t, H)
     kh = cache[:, 0].transpose(0, 2, 1, 3)                                        # (B, N, S, H)
     vh = cache[:, 1].transpose(0, 2, 1, 3)
     scores = qh @ np.swapaxes(kh, -1, -2)                                         # (B, N, t, S)
-    position = index + np.arange(t)[:, None]
-    col = np.arange(S)[None, :]
-    allowed = col <= position
-    if layer.sliding_window is not None:
-        allowed &= np.abs(position - col) < layer.sliding_window
-    allowed = np.broadcast_to(allowed, scores.shape).copy()
+    allowed = np.ones(scores.shape, dtype=bool)
+    seen = S
+    if index is not None:
+        position = index + np.arange(t)[:, None]
+        col = np.arange(S)[None, :]
+        band = col <= position
+        if layer.sliding_window is not None:
+            band &= np.abs(position - col) < layer.sliding_window
+        allowed &= band
+        # Keys past every query's position take no part: a zero (or any) value there is never read.
+        seen = int(index + t)
     if attention_mask is not None:
         allowed &= (np.asarray(attention_mask) != 0)[:, None, :, :]
-    # Keys past every query's position take no part: a zero (or any) value there is never read.
-    seen = int(index + t)
     probs = _masked_softmax(scores[..., :seen], allowed[..., :seen], layer.masking,
                             spec.call.dtype_policy.compute)
     context = (probs @ vh[:, :, :seen]).transpose(0, 2, 1, 3)                    # (B, t, N, H)
     if layer.use_gate:
-        context = context * (1.0 / (1.0 + np.exp(-project(q, "gate"))))
+        context = context * (1.0 / (1.0 + np.exp(-_project(spec, w, q, "gate"))))
     out = np.tensordot(context, w["attention_output/kernel"], axes=([-2, -1], [0, 1]))
     if layer.use_bias:
         out = out + w["attention_output/bias"]

@@ -659,6 +659,11 @@ class Spec:
         return self.call.cache_max_length is not None
 
     @property
+    def decoder_kind(self) -> str | None:
+        """"self" or "cross" for a decoder build (see `_decoder_kind`), else None."""
+        return _decoder_kind(self.call, self.geometry) if self.is_decoder else None
+
+    @property
     def cache_shape(self) -> tuple[int, ...]:
         """Keras' (keras_hub's) cache layout `(B, 2, S, N, H)`: keys, then values, projected."""
         g = self.geometry
@@ -840,10 +845,20 @@ def _check_initializer_ranges(layer: LayerSpec, call: CallSpec) -> None:
                           config.get(arg, _INITIALIZER_DEFAULTS[arg]))
 
 
+def _decoder_kind(call: CallSpec, geo: Geometry) -> str:
+    """"self" (new tokens extend the cache) or "cross" (the cache holds an encoder's keys and values,
+    `value` (B, S, D) with S = cache_max_length, and is only read)."""
+    if not call.use_causal_mask and geo.value_shape[1] == call.cache_max_length and geo.rank == 3:
+        return "cross"
+    return "self"
+
+
 def _check_decoder(layer: LayerSpec, call: CallSpec, geo: Geometry,
                    mask_shape: tuple[int, ...] | None) -> None:
-    """A decoder build (`cache_max_length`) is causal self-attention over 3-D tokens whose keys and
-    values fit one `(B, 2, S, N, H)` cache, as keras_hub's CachedMultiHeadAttention holds them."""
+    """A decoder build (`cache_max_length`): causal self-attention over 3-D tokens whose keys and
+    values fit one `(B, 2, S, N, H)` cache, as keras_hub's CachedMultiHeadAttention holds them; or
+    cross-attention over a static cache of an encoder's S positions (`value` (B, S, D), no causal
+    mask), as keras_hub's TransformerDecoder caches its cross-attention."""
     S = call.cache_max_length
     what = "`cache_max_length` (a decoder build)"
     if geo.rank != 3 or geo.attention_axes != (1,):
@@ -852,20 +867,24 @@ def _check_decoder(layer: LayerSpec, call: CallSpec, geo: Geometry,
     if geo.key_dim != geo.value_dim:
         raise invalid("value_dim", f"the key_dim {geo.key_dim} under {what}: the cache stacks keys and "
                       "values in one (B, 2, S, N, H) tensor, as keras_hub does", geo.value_dim)
-    if geo.value_shape[:2] != geo.query_shape[:2]:
-        raise SpecError(f"{what} is self-attention: `value` must hold the same tokens as `query` "
-                        f"(same batch and length). Received: query={list(call.query)}, "
-                        f"value={list(call.value)}")
-    if not call.use_causal_mask:
+    cross = _decoder_kind(call, geo) == "cross"
+    if not cross and geo.value_shape[:2] != geo.query_shape[:2]:
+        raise SpecError(f"{what} is self-attention, with `value` holding the same tokens as `query` (same "
+                        f"batch and length), or cross-attention over a static cache, with `value` the "
+                        f"encoder's S = cache_max_length positions and no causal mask. Received: "
+                        f"query={list(call.query)}, value={list(call.value)}, use_causal_mask="
+                        f"{str(call.use_causal_mask).lower()}")
+    if not cross and not call.use_causal_mask:
         raise SpecError(f"{what} decodes causally: set [call] use_causal_mask = true, so the whole-"
                         "sequence call computes what prefill and decode steps compute")
-    if geo.query_shape[1] > S:  # type: ignore[operator]
+    if not cross and geo.query_shape[1] > S:  # type: ignore[operator]
         raise invalid("cache_max_length", f"at least the chunk length T = {geo.query_shape[1]} of `query`",
                       S)
     for flag, reason in ((call.return_attention_scores, "return_attention_scores (the scores of a step "
                           "span the cache)"), (call.training and layer.dropout > 0, "training with dropout"),
                          (bool(call.dynamic), "`dynamic` (the cache fixes the batch; a step takes any "
-                          "number of tokens up to T)"), (layer.masking == "keras2", 'masking = "keras2"')):
+                          "number of tokens up to T)"), (layer.masking == "keras2", 'masking = "keras2"'),
+                         (cross and layer.sliding_window is not None, "sliding_window in cross-attention")):
         if flag:
             raise SpecError(f"{what} cannot be combined with {reason}")
     if mask_shape is not None and mask_shape != geo.full_mask_shape:

@@ -336,7 +336,8 @@ def _export(fn: Callable[..., Any], avals: list[Any]) -> str:
 
     from .program import strip_locations
 
-    exported = export.export(jax.jit(fn), platforms=["cpu"])(*avals)
+    # keep_unused: every entry takes every weight (a cross step reads none of the key and value ones)
+    exported = export.export(jax.jit(fn, keep_unused=True), platforms=["cpu"])(*avals)
     return strip_locations(exported.mlir_module())
 
 
@@ -386,7 +387,7 @@ def trace(
                              tuple(mlir_type(t.shape, t.dtype) for t in outputs)))
     iface = interface(spec, functions)
     if spec.is_decoder:
-        from .decode import decoder_interface, step_function, step_inputs, step_outputs, step_sizes
+        from .decode import decoder_interface, output_args, step_function, step_inputs, step_outputs, step_sizes
 
         for step in step_sizes(spec):
             inputs, outputs = step_inputs(spec, step), step_outputs(spec, step)
@@ -394,7 +395,7 @@ def trace(
             entries.append(Entry(step.name, _export(step_function(spec, step), avals),
                                  tuple(mlir_type(t.shape, t.dtype) for t in inputs),
                                  tuple(mlir_type(t.shape, t.dtype) for t in outputs),
-                                 output_args=((len(inputs) - 1, 1),)))
+                                 output_args=output_args(spec, step)))
         iface["decoder"] = decoder_interface(spec)
     text = assemble(entries, list(zip(names, ws)), parameters=mode is WeightsMode.PARAMETERS,
                     description=f"{len(entries)} entry point(s), weights {mode.value}")

@@ -375,7 +375,7 @@ def decode_plan(spec: Spec) -> list[tuple[int, int]]:
 def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> list[Comparison]:
     """Prefill then decode steps (`decode_plan`) on seeded tokens, each step's output and the final
     cache compared with the oracle's `reference_step` (in float64, from the same cache)."""
-    from .oracle import reference_step
+    from .oracle import reference_cache, reference_step
     from .weights import normalize_weights
 
     ws = normalize_weights(spec, weights)
@@ -383,6 +383,8 @@ def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> lis
     B, S = g.query_shape[0], spec.call.cache_max_length
     rng = np.random.default_rng(seed + 7919)
     tol = tolerance(spec)
+    if spec.decoder_kind == "cross":
+        return _check_cross(layer, spec, ws, rng, tol)
     expected_cache = np.zeros(spec.cache_shape)
     cache = None
     out = []
@@ -402,6 +404,31 @@ def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> lis
         out.append(compare(np.asarray(cache), expected_cache, tol=tol, name="decode: cache"))
     return out
 
+
+def _check_cross(layer: Any, spec: Spec, ws: list[np.ndarray], rng: np.random.Generator, tol: Tolerance
+                 ) -> list[Comparison]:
+    """A cross-attention decoder: the cache of a seeded encoder output, then queries of T + 1, 1 and
+    3 tokens over it, each compared with the oracle (`reference_cache`, `reference_step`)."""
+    from .oracle import reference_cache, reference_step
+
+    g = spec.geometry
+    B, T, S = g.query_shape[0], g.query_shape[1], spec.call.cache_max_length
+    inputs = {"value": rng.standard_normal(g.value_shape).astype(np.float32)}
+    if spec.has_key:
+        inputs["key"] = rng.standard_normal(g.key_shape).astype(np.float32)
+    expected_cache = reference_cache(spec, ws, **inputs)
+    out, cache = [], None
+    for n in (T + 1, 1, 3):
+        query = rng.standard_normal((B, n, g.query_shape[-1])).astype(np.float32)
+        mask = (rng.random((B, n, S)) < 0.8) if spec.has_mask else None
+        want, _ = reference_step(spec, ws, expected_cache, None, query, attention_mask=mask)
+        if cache is None:
+            got, cache = layer.prefill(query, inputs["value"], inputs.get("key"), attention_mask=mask)
+        else:
+            got, cache = layer.decode(query, attention_mask=mask, cache=cache)
+        out.append(compare(got, want, tol=tol, name=f"cross-attention decode of {n} token(s): output"))
+    out.append(compare(np.asarray(cache), expected_cache, tol=tol, name="cross-attention cache"))
+    return out
 
 
 def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: int = 0,

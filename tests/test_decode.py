@@ -281,3 +281,58 @@ def test_transformer_decoder_attention_from_a_keras_file(keras, tmp_path) -> Non
             got, ours = layer.decode(x[:, at:at + n], x[:, at:at + n], cache=ours)
         np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5)
         np.testing.assert_allclose(np.asarray(ours), cache, rtol=0, atol=1e-5)
+
+
+# -- cross-attention over a static cache -----------------------------------------------------------
+S_ENC = 24
+
+
+def cross_spec(**call: object) -> mhagen.Spec:
+    return mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 8, "seed": 5},
+                                  "call": {"query": [B, T, D], "value": [B, S_ENC, D], "cache_max_length": S_ENC,
+                                           **call}})
+
+
+def test_cross_oracle_equals_the_whole_cross_attention() -> None:
+    from mhagen.oracle import reference_cache
+
+    spec = cross_spec(attention_mask=True)
+    assert spec.decoder_kind == "cross"
+    w = init_weights(spec)
+    q, enc = tokens(T, 3), np.random.default_rng(4).standard_normal((B, S_ENC, D))
+    mask = np.random.default_rng(5).random((B, T, S_ENC)) < 0.7
+    out, cache = reference_step(spec, w, reference_cache(spec, w, enc), None, q, attention_mask=mask)
+    np.testing.assert_allclose(out, reference(spec, w, q, enc, attention_mask=mask), atol=1e-12)
+    with pytest.raises(SpecError, match="cross-attention"):
+        cross_spec(use_causal_mask=True)
+
+
+@pytest.fixture(scope="module")
+def hub_cross(keras) -> tuple[mhagen.Spec, list[np.ndarray], np.ndarray, np.ndarray, list]:
+    """keras_hub's CachedMultiHeadAttention with a static cache (cache_update_index=None), the cache
+    made from the encoder output by the layer's own key and value projections."""
+    keras_hub = pytest.importorskip("keras_hub", reason="keras_hub is not installed (the interop extra)")
+    spec = cross_spec()
+    w = init_weights(spec)
+    enc = np.random.default_rng(8).standard_normal((B, S_ENC, D)).astype(np.float32)
+    q = tokens(6, 9)
+    layer = keras_hub.layers.CachedMultiHeadAttention(num_heads=2, key_dim=8)
+    layer.build((B, T, D), (B, S_ENC, D))
+    layer.set_weights(w)
+    cache = np.stack([np.asarray(layer._key_dense(enc)), np.asarray(layer._value_dense(enc))], axis=1)
+    outs = [np.asarray(layer(q[:, a:b], q[:, a:b], cache=cache, cache_update_index=None)[0])
+            for a, b in ((0, 5), (5, 6))]
+    return spec, w, enc, q, [cache, *outs]
+
+
+@pytest.mark.parametrize("target", runnable_targets(["cpu", "vmvx", "vulkan"]))
+def test_cross_steps_equal_keras_hub(hub_cross, target: str) -> None:
+    spec, w, enc, q, (hub_cache, first, second) = hub_cross
+    layer = mhagen.build(spec, target=target, weights=w)
+    got, cache = layer.prefill(q[:, :5], enc)
+    np.testing.assert_allclose(np.asarray(cache), hub_cache, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, first, rtol=0, atol=1e-5)
+    got, same = layer.decode(q[:, 5:], cache=hub_cache)       # a host cache, as keras_hub holds it
+    np.testing.assert_allclose(got, second, rtol=0, atol=1e-5)
+    with pytest.raises(CallError, match="pass no value, key or index"):
+        layer.decode(q[:, 5:], q[:, 5:], cache=cache)

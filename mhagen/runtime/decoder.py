@@ -93,15 +93,45 @@ class DecoderMixin:
 
     def prefill(self, query: Any, value: Any, key: Any = None, attention_mask: Any = None
                 ) -> tuple[np.ndarray, KVCache]:
-        """Project the T0 prompt tokens into a fresh cache at positions 0..T0-1 and return their
-        causal output `(B, T0, E)` and the cache."""
+        """Self-attention: project the T0 prompt tokens into a fresh cache at positions 0..T0-1 and
+        return their causal output `(B, T0, E)` and the cache. Cross-attention: the cache of the
+        encoder's output `value` `(B, S, D)` (`cross_cache`), and the queries' output over it."""
+        if self._decoder_info().get("kind") == "cross":
+            cache = self.cross_cache(value, key)
+            return self.decode(query, attention_mask=attention_mask, cache=cache)
         cache = self.new_cache()
         return self.decode(query, value, key, attention_mask, cache=cache, index=0)
 
-    def decode(self, query: Any, value: Any, key: Any = None, attention_mask: Any = None, *,
+    def cross_cache(self, value: Any, key: Any = None) -> KVCache:
+        """A cross-attention decoder's static cache: the encoder output's projected keys and values,
+        `(B, 2, S, N, H)`, computed on the device once; steps only read it."""
+        info = self._decoder_info()
+        if info.get("kind") != "cross":
+            raise CallError("cross_cache is for a cross-attention decoder build (value (B, S, D) with S = "
+                            "cache_max_length, no causal mask); this one is self-attention")
+        fill = next(s for s in info["steps"] if s.get("kind") == "fill")
+        args = []
+        for sig in fill["inputs"]:
+            raw = value if sig["name"] == "value" or key is None else key
+            array = np.asarray(raw)
+            want = tuple(sig["shape"])
+            if array.shape != want or not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
+                raise CallError(f"`{sig['name']}` has shape {array.shape} and dtype {array.dtype}, expected "
+                                f"{want} floats (the encoder's output)")
+            args.append(self._device.to_device(np.ascontiguousarray(array.astype(_np_dtype(sig["dtype"])))))
+        try:
+            result = self._table[fill["name"]](*args)
+        except (RuntimeError, ValueError) as exc:
+            raise MhagenRuntimeError(f"IREE runtime failed running `{fill['name']}` on "
+                                     f"`{self.target_name}`: {_first_line(exc)}") from None
+        return KVCache(self, result, length=info["cache_shape"][2])
+
+    def decode(self, query: Any, value: Any = None, key: Any = None, attention_mask: Any = None, *,
                cache: Any, index: int | None = None) -> tuple[np.ndarray, KVCache]:
-        """Write t >= 1 new tokens at `index .. index+t-1` (default: `cache.length`) and attend
-        causally to positions `0 .. index+j` for token j, under an optional `(B, t, S)` padding mask.
+        """Self-attention: write t >= 1 new tokens at `index .. index+t-1` (default: `cache.length`)
+        and attend causally to positions `0 .. index+j` for token j, under an optional `(B, t, S)`
+        padding mask; `value` defaults to `query`. Cross-attention: attend over the static cache
+        (no value, key or index: the cache holds the encoder's keys and values).
 
         `cache`: a `KVCache` of this layer (updated in place and returned), or an array in the
         `(B, 2, S, N, H)` layout (e.g. from keras_hub), copied to the device (the array itself is
@@ -111,6 +141,10 @@ class DecoderMixin:
         B, _, S, _, _ = info["cache_shape"]
         dtype = _np_dtype(info["dtype"])
         cache = self._as_cache(cache, info)
+        if info.get("kind") == "cross":
+            return self._cross(query, value, key, attention_mask, cache, index, info, dtype), cache
+        if value is None:
+            value = query
         if index is None:
             index = cache.length
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
@@ -127,7 +161,7 @@ class DecoderMixin:
                 raise CallError("`attention_mask` was given, but the spec declares no mask "
                                 "(set [call] attention_mask = true)")
             mask = self._step_mask(attention_mask, B, t, S)
-        steps = info["steps"]
+        steps = [s for s in info["steps"] if s.get("kind", "self") == "self"]
         chunk = info["chunk"]
         outs: list[np.ndarray] = []
         pos = 0
@@ -146,6 +180,36 @@ class DecoderMixin:
         d.step(token)`."""
         self._decoder_info()
         return Decoder(self)
+
+    def _cross(self, query: Any, value: Any, key: Any, attention_mask: Any, cache: KVCache, index: Any,
+               info: Mapping[str, Any], dtype: Any) -> np.ndarray:
+        if value is not None or key is not None or index is not None:
+            raise CallError("a cross-attention decoder reads keys and values from its static cache: "
+                            "pass no value, key or index (make the cache with cross_cache(encoder_output))")
+        B, _, S, _, _ = info["cache_shape"]
+        steps = sorted((s for s in info["steps"] if s.get("kind") == "cross"), key=lambda s: -s["t"])
+        sig = {x["name"]: x for x in steps[-1]["inputs"]}["query"]
+        q = np.asarray(query)
+        want = tuple(sig["shape"])
+        if q.ndim != 3 or q.shape[0] != want[0] or q.shape[2] != want[2] or q.shape[1] < 1 or not (
+                np.issubdtype(q.dtype, np.floating) or q.dtype.name == "bfloat16"):
+            raise CallError(f"`query` has shape {q.shape} and dtype {q.dtype}, expected ({want[0]}, t, "
+                            f"{want[2]}) floats with t >= 1")
+        t = q.shape[1]
+        mask = None
+        if attention_mask is not None:
+            if not info["mask"]:
+                raise CallError("`attention_mask` was given, but the spec declares no mask "
+                                "(set [call] attention_mask = true)")
+            mask = self._step_mask(attention_mask, B, t, S)
+        arrays = {"query": q.astype(dtype)}
+        outs, pos = [], 0
+        while pos < t:       # query rows are independent: chunks of the largest step, the last padded
+            step = steps[0] if t - pos > 1 else steps[-1]
+            n = min(step["t"], t - pos)
+            outs.append(self._run_step(step, arrays, mask, pos, n, 0, cache))
+            pos += n
+        return np.concatenate(outs, axis=1)
 
     # -- helpers --------------------------------------------------------------------------------
     def _as_cache(self, cache: Any, info: Mapping[str, Any]) -> KVCache:
@@ -235,7 +299,8 @@ class DecoderMixin:
         except (RuntimeError, ValueError) as exc:
             raise MhagenRuntimeError(f"IREE runtime failed running `{step['name']}` on "
                                      f"`{self.target_name}`: {_first_line(exc)}") from None
-        return device.to_host(results[0])[:, :n]
+        first = results[0] if isinstance(results, (list, tuple)) else results
+        return device.to_host(first)[:, :n]
 
 
 class Decoder:
