@@ -102,6 +102,13 @@ def footprint(spec: Spec, *, weights_mode: str | WeightsMode = "parameters") -> 
         sizes.append(spec.at_size(spec.call.max_batch if "batch" in spec.call.dynamic else None, seq, seq))
     inputs, outputs, oracle, verify, scores_shape = max(
         (_verify_bytes(s, weights, sum(weight_counts)) for s in sizes), key=lambda v: v[3])
+    if spec.is_decoder:
+        # The decode check holds the cache on the device and, in float64, the oracle's cache, its
+        # copy and heads-first views, and compare()'s temporaries of the cache read back.
+        cache = math.prod(spec.cache_shape)
+        decode = BASELINE_BYTES + weights + cache * _ITEMSIZE[policy.compute] + 8 * cache * (4 + _COMPARE_COPIES)
+        if decode > verify:
+            oracle, verify = max(oracle, 8 * cache * 4), decode
     return Footprint(weights=weights, build=build, inputs=inputs, outputs=outputs, oracle=oracle,
                      scores_shape=scores_shape, verify=verify)
 
@@ -162,7 +169,8 @@ def check(spec: Spec, *, weights_mode: str | WeightsMode = "parameters", verify:
     if verify and fp.verify > have:
         raise SpecError(f"Verifying this spec needs about {format_bytes(fp.verify)} of memory (the "
                         f"oracle's float64 work {format_bytes(fp.oracle)}, scores {fp.scores_shape}; "
-                        f"inputs {format_bytes(fp.inputs)}, outputs {format_bytes(fp.outputs)}), but "
+                        f"inputs {format_bytes(fp.inputs)}, outputs {format_bytes(fp.outputs)}"
+                        f"{f', KV cache {spec.cache_shape}' if spec.is_decoder else ''}), but "
                         f"this machine has {format_bytes(have)} available; build without verifying "
                         "(`mhagen build --no-verify`) or verify the spec at a smaller batch or sequence")
     return fp

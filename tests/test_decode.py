@@ -336,3 +336,13 @@ def test_cross_steps_equal_keras_hub(hub_cross, target: str) -> None:
     np.testing.assert_allclose(got, second, rtol=0, atol=1e-5)
     with pytest.raises(CallError, match="pass no value, key or index"):
         layer.decode(q[:, 5:], q[:, 5:], cache=cache)
+
+
+def test_a_cache_too_big_to_verify_is_refused_before_work() -> None:
+    from mhagen.budget import check
+
+    spec = mhagen.Spec.from_dict({"layer": {"num_heads": 32, "key_dim": 128}, "call": {
+        "query": [64, 16, 4096], "value": [64, 16, 4096], "use_causal_mask": True, "cache_max_length": 32768}})
+    with pytest.raises(SpecError, match=r"KV cache \(64, 2, 32768, 32, 128\).*--no-verify"):
+        check(spec, available=64 << 30)
+    check(spec, verify=False, available=64 << 30)      # building it (for a bigger machine) fits
