@@ -64,16 +64,21 @@ def _initializer(rng: np.random.Generator, kind: str) -> Any:
 def draw_spec(rng: np.random.Generator, dtypes: Sequence[str] = ("float32",)) -> Spec:
     """One random valid spec (a `SpecError` here is a bug of this generator, never a case).
 
-    Shapes: batch 1-3; rank 3 with sequences 1-12 (sometimes up to 40: a softmax row longer than
-    a GPU subgroup); ranks 4 and 5 with inner axes of 1-4; features 1-16; 1-4 heads of 1-8.
+    Shapes: batch 1-3; rank 3 with sequences 1-12 (sometimes 24-128 keys, half of those a multiple
+    of 32: softmax rows longer than a GPU subgroup); ranks 4 and 5 with inner axes of 1-4;
+    features 1-16; 1-4 heads of 1-8.
     """
     rank = _pick(rng, [3, 4, 5], [5, 2, 1])
     batch = int(rng.integers(1, 4))
     inner = rank - 2
-    if rank == 3:
-        longest = 40 if _chance(rng, 0.15) else 12
-        q_inner = [int(rng.integers(1, longest + 1))]
-        v_inner = [int(rng.integers(1, longest + 1))]
+    if rank == 3 and _chance(rng, 0.15):
+        # Rows longer than a GPU subgroup: IREE's reductions change tiling at multiples of 32
+        # (a 64-key softmax on 8-lane subgroups summed a quarter of each row; 33 and 40 keys did not).
+        q_inner = [int(rng.integers(1, 33))]
+        v_inner = [int(_pick(rng, [32, 64, 96, 128])) if _chance(rng, 0.5) else int(rng.integers(24, 129))]
+    elif rank == 3:
+        q_inner = [int(rng.integers(1, 13))]
+        v_inner = [int(rng.integers(1, 13))]
     else:
         q_inner = [int(rng.integers(1, 5)) for _ in range(inner)]
         v_inner = [int(rng.integers(1, 5)) for _ in range(inner)]
