@@ -924,16 +924,24 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
     call = _call_from_graph(found, args)
     if call is not None:
         print(f"call {args.call or 0} of `{found.path}` in the model: {call.describe()}")
+    query_shape = _shape_arg("--query-shape", args.query_shape) or ()
+    value_shape = _shape_arg("--value-shape", args.value_shape) or ()
+    decoder_self = (args.cache_max_length is not None and tuple(query_shape[:2]) == tuple(value_shape[:2]))
+    if decoder_self:
+        print(f"decoder build (cache_max_length = {args.cache_max_length}): self-attention, causal as "
+              "keras_hub's generation masks it")
     spec = Spec.from_keras_config(
         config,
-        query_shape=_shape_arg("--query-shape", args.query_shape) or (),
-        value_shape=_shape_arg("--value-shape", args.value_shape) or (),
+        query_shape=query_shape,
+        value_shape=value_shape,
         key_shape=key_shape,
         dtype=args.dtype,
-        attention_mask=_mask_arg(args.attention_mask) or (call is not None and call.attention_mask),
-        use_causal_mask=args.causal or (call is not None and call.use_causal_mask),
+        attention_mask=_mask_arg(args.attention_mask) or (
+            call is not None and call.attention_mask and args.cache_max_length is None),
+        use_causal_mask=args.causal or decoder_self or (call is not None and call.use_causal_mask),
         return_attention_scores=args.scores or (call is not None and call.return_attention_scores),
         training=bool(call is not None and call.training),
+        cache_max_length=args.cache_max_length,
     )
     normalize_weights(spec, found.weights)  # the shapes must fit the spec before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -994,6 +1002,10 @@ def add_cli(subparsers: Any) -> None:
                    help="which call of the layer the spec follows, 0-based in Keras' node order "
                    "(needed when a functional model calls it several times with different arguments)")
     p.add_argument("--causal", action="store_true", help="use_causal_mask=True")
+    p.add_argument("--cache-max-length", type=int, metavar="S", default=None,
+                   help="a decoder build with a (B, 2, S, N, H) KV cache (keras_hub's CachedMultiHeadAttention): "
+                   "self-attention (value shaped like query, causal) or cross-attention over a static cache "
+                   "(value (B, S, D))")
     p.add_argument("--scores", action="store_true", help="return_attention_scores=True")
     p.add_argument("--dtype", help="call dtype (default: the layer's dtype policy)")
     p.add_argument("--config", help="the layer's get_config() as JSON (for weights-only files)")

@@ -281,8 +281,13 @@ def shape_checks(spec: Spec) -> tuple[list[ShapeCheck], str]:
             checks.append(ShapeCheck(spec.at_size(1, attention_mask=mask_at(1)), "in chunks", rows=declared))
         checks.append(ShapeCheck(spec.at_size(declared + 3, attention_mask=mask_at(declared + 3)),
                                  "in chunks", rows=declared))
+        steps = ""
+        if spec.is_decoder:
+            steps = ("; decoder steps: a prompt of T + 1 tokens, 1 token, 3 tokens and the last cache "
+                     "position, outputs and cache" if spec.decoder_kind == "self" else
+                     "; cross-attention steps over the encoder's cache: T + 1, 1 and 3 tokens, and the cache")
         return checks, (f"the declared batch{'' if declared == 1 else ', batch 1'} and batch {declared}+3, "
-                        f"in chunks of {declared}")
+                        f"in chunks of {declared}{steps}")
     sizes = buckets(spec)
     chosen = sizes if len(sizes) <= ALL_BUCKETS_UP_TO else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
     what = (f"every bucket ({len(sizes)})" if chosen is sizes

@@ -346,3 +346,21 @@ def test_a_cache_too_big_to_verify_is_refused_before_work() -> None:
     with pytest.raises(SpecError, match=r"KV cache \(64, 2, 32768, 32, 128\).*--no-verify"):
         check(spec, available=64 << 30)
     check(spec, verify=False, available=64 << 30)      # building it (for a bigger machine) fits
+
+
+def test_import_keras_cache_max_length(keras, tmp_path, capsys) -> None:
+    """`mhagen import-keras --cache-max-length S` on a keras_hub TransformerDecoder's self-attention:
+    a causal decoder spec whose build verifies its steps."""
+    keras_hub = pytest.importorskip("keras_hub", reason="keras_hub is not installed (the interop extra)")
+    from mhagen.cli import main
+
+    dec = keras_hub.layers.TransformerDecoder(32, 2, name="dec")
+    inputs = keras.Input((T, D))
+    keras.Model(inputs, dec(inputs)).save(tmp_path / "m.keras")
+    out = tmp_path / "dec.toml"
+    assert main(["import-keras", str(tmp_path / "m.keras"), "--layer", "dec/self_attention", "--query-shape",
+                 f"1,{T},{D}", "--value-shape", f"1,{T},{D}", "--cache-max-length", "16", "--out", str(out)]) == 0
+    spec = mhagen.Spec.load(out)
+    assert spec.decoder_kind == "self" and spec.call.use_causal_mask and spec.cache_shape == (1, 2, 16, 2, 8)
+    assert main(["verify", str(out), "--targets", "cpu"]) == 0
+    assert "decoder steps" in capsys.readouterr().out
