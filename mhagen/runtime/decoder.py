@@ -18,6 +18,7 @@ step; the cache is updated where it lives and is read back only by `np.asarray(c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ class KVCache:
         self._layer = layer
         self._buffer = buffer
         self.length = length
+        # Steps on one cache run one at a time: each reads what the previous one wrote.
+        self._lock = threading.Lock()
         info = layer.interface["decoder"]
         self.shape = tuple(info["cache_shape"])
         self.dtype = np.dtype(_np_dtype(info["dtype"]))
@@ -165,14 +168,15 @@ class DecoderMixin:
         chunk = info["chunk"]
         outs: list[np.ndarray] = []
         pos = 0
-        while pos < t:
-            at = index + pos
-            size = chunk if (chunk > 1 and t - pos > 1 and at + chunk <= S) else 1
-            n = min(size, t - pos)
-            step = next(s for s in steps if s["t"] == size and s["length"] >= at + n)
-            outs.append(self._run_step(step, arrays, mask, pos, n, at, cache))
-            pos += n
-        cache.length = index + t
+        with cache._lock:
+            while pos < t:
+                at = index + pos
+                size = chunk if (chunk > 1 and t - pos > 1 and at + chunk <= S) else 1
+                n = min(size, t - pos)
+                step = next(s for s in steps if s["t"] == size and s["length"] >= at + n)
+                outs.append(self._run_step(step, arrays, mask, pos, n, at, cache))
+                pos += n
+            cache.length = index + t
         return np.concatenate(outs, axis=1), cache
 
     def decoder(self) -> "Decoder":
