@@ -22,7 +22,6 @@ process that has imported its libraries (Linux `VmHWM`), against the cache plus 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import subprocess
 import sys

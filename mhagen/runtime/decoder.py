@@ -19,7 +19,7 @@ step; the cache is updated where it lives and is read back only by `np.asarray(c
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -158,12 +158,7 @@ class DecoderMixin:
         if index < 0 or index + t > S:
             raise CallError(f"{t} new token(s) at index {index} do not fit the cache length {S} "
                             f"(positions 0..{S - 1})")
-        mask = None
-        if attention_mask is not None:
-            if not info["mask"]:
-                raise CallError("`attention_mask` was given, but the spec declares no mask "
-                                "(set [call] attention_mask = true)")
-            mask = self._step_mask(attention_mask, B, t, S)
+        mask = self._step_mask(attention_mask, info, t)
         steps = [s for s in info["steps"] if s.get("kind", "self") == "self"]
         chunk = info["chunk"]
         outs: list[np.ndarray] = []
@@ -200,12 +195,7 @@ class DecoderMixin:
             raise CallError(f"`query` has shape {q.shape} and dtype {q.dtype}, expected ({want[0]}, t, "
                             f"{want[2]}) floats with t >= 1")
         t = q.shape[1]
-        mask = None
-        if attention_mask is not None:
-            if not info["mask"]:
-                raise CallError("`attention_mask` was given, but the spec declares no mask "
-                                "(set [call] attention_mask = true)")
-            mask = self._step_mask(attention_mask, B, t, S)
+        mask = self._step_mask(attention_mask, info, t)
         arrays = {"query": q.astype(dtype)}
         outs, pos = [], 0
         while pos < t:       # query rows are independent: chunks of the largest step, the last padded
@@ -263,7 +253,14 @@ class DecoderMixin:
         return out
 
     @staticmethod
-    def _step_mask(attention_mask: Any, B: int, t: int, S: int) -> np.ndarray:
+    def _step_mask(attention_mask: Any, info: Mapping[str, Any], t: int) -> np.ndarray | None:
+        """The `(B, t, S)` padding mask as booleans, None when not given."""
+        if attention_mask is None:
+            return None
+        if not info["mask"]:
+            raise CallError("`attention_mask` was given, but the spec declares no mask "
+                            "(set [call] attention_mask = true)")
+        B, _, S, _, _ = info["cache_shape"]
         mask = np.asarray(attention_mask)
         if mask.dtype == object or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)):
             raise CallError(f"`attention_mask` has dtype {mask.dtype}, expected bool or numbers")
