@@ -687,7 +687,7 @@ def run_suite(
     note = plot(results, out / "results.png")
     tuning = f", tuning spec `{env['tuning_spec']}`" if env.get("tuning_spec") else ""
     peers = _peer_names(results)
-    versions = "".join(f", {LABELS[n].split()[0]} {env[n]}" for n in ("onnxruntime", "openvino")
+    versions = "".join(f", {label} {env[n]}" for n, label in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO"))
                        if any(p.startswith(n) for p in peers))
     threads = sorted({r.threads for r in results})
     text = [f"# mhagen bench: {target} vs jax.jit{' and ' + ', '.join(LABELS.get(p, p) for p in peers) if peers else ''}\n",
