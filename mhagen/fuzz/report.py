@@ -282,6 +282,6 @@ def _markdown(run: dict[str, Any]) -> str:
         lines.append("None.")
     for f in run["failures"]:
         lines += [f"### {f['case']} on `{f['target']}`: {f['kind']}", "", f"`{f['message']}`", "",
-                  f"Shrunk in {f['tries']} tries ({'a local minimum' if f['minimal'] else 'tries ran out'}); "
+                  f"Shrunk in {f['tries']} tries ({'a local minimum' if f['minimal'] else 'stopped by the tries or time limit'}); "
                   f"reproducer `{f['folder']}`: {f.get('replay', '')}", "", "```toml", f["spec_toml"].strip(), "```", ""]
     return "\n".join(lines) + "\n"
