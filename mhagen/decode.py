@@ -194,7 +194,14 @@ def step_function(spec: Spec, step: Step) -> Callable[..., Any]:
             allowed = allowed & band
         if mask is not None:
             allowed = allowed & (mask[:, :, :L] != 0)
-        context = _attend(q, cache[:, 0, :L], cache[:, 1, :L], allowed, compute)
+        values = cache[:, 1, :L]
+        if step.kind == "self":
+            # Positions past the last token written are never read, as the oracle reads them: a
+            # NaN there (a cache from elsewhere, or a chunk's padded rows) must not become 0 * NaN.
+            seen = index + (t if count is None else count)
+            live = jnp.arange(L, dtype=jnp.int32) < seen
+            values = jnp.where(live[None, :, None, None], values, jnp.zeros((), values.dtype))
+        context = _attend(q, cache[:, 0, :L], values, allowed, compute)
         if layer.use_gate:
             # As in `trace.forward`: keep the gate out of the dispatch that sums the denominators
             # (IREE 3.13's SPIR-V code reads them there across invocations without a barrier:

@@ -951,7 +951,14 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
           f"dtype {spec.call.dtype}")
     print(f"wrote {out}")
     print(f"wrote {weights_path}")
-    _write_reference(args, found, spec, out.with_suffix(".keras-ref.npz"))
+    if decoder_self and not (call is not None and call.use_causal_mask):
+        # The model calls the layer without the causal mask a decoder step applies: its output is
+        # not what this spec computes, so it is no reference for it.
+        out.with_suffix(".keras-ref.npz").unlink(missing_ok=True)
+        print(f"no Keras reference output written: the model calls `{found.path}` without a causal mask, "
+              "which a decoder build (cache_max_length) applies")
+    else:
+        _write_reference(args, found, spec, out.with_suffix(".keras-ref.npz"))
     if spec.layer.masking == "keras2":
         print('masking = "keras2": tf.keras 2.x gives a query row with every key masked the mean of the values')
     ignored = spec.ignored_keys

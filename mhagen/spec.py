@@ -887,6 +887,10 @@ def _check_decoder(layer: LayerSpec, call: CallSpec, geo: Geometry,
                          (cross and layer.sliding_window is not None, "sliding_window in cross-attention")):
         if flag:
             raise SpecError(f"{what} cannot be combined with {reason}")
+    cache = math.prod((geo.query_shape[0], 2, S, geo.num_heads, geo.key_dim))  # type: ignore[arg-type]
+    if cache > INT64_MAX:
+        raise invalid("cache_max_length", f"a length whose cache (B, 2, S, N, H) has an element count that "
+                      f"fits int64 (at most {INT64_MAX}); this one holds {cache}", S)
     if mask_shape is not None and mask_shape != geo.full_mask_shape:
         raise SpecError(f"{what} takes its padding mask as `attention_mask = true` ((B, t, S) in a step, "
                         f"{geo.full_mask_shape} in the whole call); received {list(mask_shape)}")

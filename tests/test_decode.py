@@ -364,3 +364,92 @@ def test_import_keras_cache_max_length(keras, tmp_path, capsys) -> None:
     assert spec.decoder_kind == "self" and spec.call.use_causal_mask and spec.cache_shape == (1, 2, 16, 2, 8)
     assert main(["verify", str(out), "--targets", "cpu"]) == 0
     assert "decoder steps" in capsys.readouterr().out
+
+
+# -- found by an attack review ---------------------------------------------------------------------
+def test_host_cache_needs_an_index_and_unread_positions_stay_unread(built) -> None:
+    spec, w, layer = built
+    x = tokens(7, 41)
+    _, cache = layer.prefill(x[:, :6], x[:, :6])
+    host = np.asarray(cache)
+    with pytest.raises(CallError, match="`index` is required with a cache given as an array"):
+        layer.decode(x[:, 6:], x[:, 6:], cache=host)
+    # A NaN value past the last token written is never read (the oracle's rule), wherever the
+    # length bucket ends; a NaN value that is read reaches the output.
+    for pos in (10, 40):
+        bad = host.copy()
+        bad[:, 1, pos] = np.nan
+        out, _ = layer.decode(x[:, 6:], x[:, 6:], cache=bad, index=6)
+        want, _ = reference_step(spec, w, bad, 6, x[:, 6:], x[:, 6:])
+        assert np.isfinite(want).all() and compare(out, want, tol=tolerance(spec)).passed
+    bad = host.copy()
+    bad[:, 1, 3] = np.nan
+    out, _ = layer.decode(x[:, 6:], x[:, 6:], cache=bad, index=6)
+    assert np.isnan(out).any()
+
+
+def test_concurrent_decodes_on_one_cache_lose_no_token(built) -> None:
+    import threading
+
+    _, _, layer = built
+    x = tokens(8, 43)
+    _, cache = layer.prefill(x[:, :6], x[:, :6])
+    threads = [threading.Thread(target=layer.decode, args=(x[:, 6 + i:7 + i], x[:, 6 + i:7 + i]),
+                                kwargs={"cache": cache}) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    host = np.asarray(cache)
+    assert cache.length == 8 and np.abs(host[:, 0, 6:8]).min() > 0 and not host[:, :, 8:].any()
+
+
+def test_decoder_context_for_cross_attention_and_batch_check() -> None:
+    spec = cross_spec()
+    w = init_weights(spec)
+    layer = mhagen.build(spec, target="cpu", weights=w)
+    enc, q = np.random.default_rng(3).standard_normal((B, S_ENC, D)), tokens(5, 44)
+    with layer.decoder(batch=B) as d:
+        first = d.prefill(q[:, :4], enc)
+        second = d.step(q[:, 4:])
+    full = reference(spec.replace(call={"query": [B, 5, D]}), w, q, enc)
+    assert compare(np.concatenate([first, second], axis=1), full, tol=tolerance(spec)).passed
+    with pytest.raises(CallError, match="not this build's batch"):
+        layer.decoder(batch=B + 1)
+    with pytest.raises(CallError, match="spec declares no key"):
+        layer.cross_cache(enc, enc)
+
+
+def test_tampered_step_names_and_run_decode(tmp_path, capsys) -> None:
+    import json
+
+    from mhagen.bundle import build_bundle
+    from mhagen.cli import main
+    from mhagen.runtime import load_bundle
+    from mhagen.targets import parse_targets
+
+    from corpus import refuses
+
+    spec = mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 4}, "call": {
+        "query": [1, 4, 8], "value": [1, 4, 8], "use_causal_mask": True, "cache_max_length": 32}})
+    out = tmp_path / "b"
+    build_bundle(spec, parse_targets("cpu"), out)
+    prompt = tmp_path / "q.npy"
+    np.save(prompt, tokens(6, 45, 8)[:1])
+    assert main(["run", str(out), "--input", f"query={prompt}", "--input", f"value={prompt}", "--decode", "3",
+                 "--output", str(tmp_path / "gen")]) == 0
+    assert np.load(tmp_path / "gen" / "output.npy").shape == (1, 9, 8)
+    refuses(["run", str(out), "--input", f"query={prompt}", "--input", f"value={prompt}", "--decode", "30",
+             "--output", str(tmp_path / "g2")], capsys, needle="need 36 cache positions")
+    # Swapping two steps' names (each then reads another cache length) is refused at load.
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = manifest["interface"]["decoder"]["steps"]
+    steps[0]["name"], steps[1]["name"] = steps[1]["name"], steps[0]["name"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(mhagen.BundleError, match=r"steps\[0\]\.name must be 'step_t1_l16'"):
+        load_bundle(out, "cpu")
+
+
+def test_cache_larger_than_int64_is_refused() -> None:
+    with pytest.raises(SpecError, match="fits int64"):
+        decoder_spec(cache_max_length=1 << 62)

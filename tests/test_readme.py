@@ -119,7 +119,7 @@ def test_readme_blocks_run(tmp_path: Path) -> None:
     assert (tmp_path / "spec.toml").is_file() and (tmp_path / "spec.npz").is_file()
 
 
-@pytest.mark.parametrize("case", ["static", "dynamic", "decoder"])
+@pytest.mark.parametrize("case", ["static", "dynamic", "decoder", "cross"])
 def test_bundle_readme_blocks_run(case: str, tmp_path: Path, monkeypatch) -> None:
     """The README of a real build: every block runs from the folder the build ran in (a dynamic
     bundle in a folder whose name has a space, to check the quoting)."""
@@ -139,11 +139,15 @@ def test_bundle_readme_blocks_run(case: str, tmp_path: Path, monkeypatch) -> Non
         spec = mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 4}, "call": {
             "query": [1, 4, 8], "value": [1, 4, 8], "use_causal_mask": True, "cache_max_length": 16}})
         targets, out = "cpu", "out/decoder"
+    if case == "cross":
+        spec = mhagen.Spec.from_dict({"layer": {"num_heads": 2, "key_dim": 4}, "call": {
+            "query": [1, 4, 8], "value": [1, 12, 8], "cache_max_length": 12}})
+        targets, out = "cpu", "out/cross"
     build_bundle(spec, parse_targets(targets), out)
     text = (tmp_path / out / "README.md").read_text()
     ran = run_blocks(blocks(text), tmp_path)
     # inputs, run.py, Python, run.py --bench, [decoding: run.py --decode, Python], iree-run-module
-    assert len(ran) == (7 if case == "decoder" else 5), ran
+    assert len(ran) == (7 if case in ("decoder", "cross") else 5), ran
     assert (tmp_path / "output.npy").is_file()
     if case == "decoder":
         assert np.load(tmp_path / "generated" / "output.npy").shape == (1, 8, 8)
@@ -153,6 +157,9 @@ def test_bundle_readme_blocks_run(case: str, tmp_path: Path, monkeypatch) -> Non
         assert "| query | (<=2, <=8, 8) | float32 |" in text and "batch 1 to 2 and sequence length 1 to 8" in text
     elif case == "decoder":
         assert "## Decoding" in text and "1 x 2 x 16 x 2 x 4" in text
+    elif case == "cross":
+        assert "cross-attention decoder build" in text
+        assert np.load(tmp_path / "generated" / "output.npy").shape == (1, 8, 8)
     else:
         assert "| query | (*, 16, 32) | float32 |" in text and "runs 2 rows at a time" in text
         assert "Shapes checked against the NumPy oracle: query (2, 16, 32), (1, 16, 32) in chunks" in text

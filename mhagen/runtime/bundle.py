@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -273,29 +274,64 @@ def validate_manifest(manifest: Any) -> list[str]:
 
 
 def _validate_decoder(p: _Problems, d: dict) -> None:
-    """A decoder build's cache and step entry points (`mhagen.decode.decoder_interface`)."""
+    """A decoder build's cache and step entry points (`mhagen.decode.decoder_interface`): each step's
+    name says its kind, size and the cache length it reads, its signature holds the cache it
+    declares, and the steps cover every position (a step named for one length reading another
+    would attend to the wrong keys)."""
     shape = d.get("cache_shape")
-    p.need(_shape_ok(shape) and len(shape) == 5 and all(n >= 1 for n in shape) and shape[1] == 2,
-           "interface.decoder.cache_shape", "(B, 2, S, N, H) as positive integers", shape)
+    shape_ok = p.need(_shape_ok(shape) and len(shape) == 5 and all(n >= 1 for n in shape) and shape[1] == 2
+                      and math.prod(shape) <= 1 << 40, "interface.decoder.cache_shape",
+                      "(B, 2, S, N, H) as positive integers, at most 2**40 elements", shape)
     p.need(d.get("dtype") in DTYPES, "interface.decoder.dtype", f"one of {', '.join(DTYPES)}", d.get("dtype"))
-    p.need(_is_int(d.get("chunk")) and d["chunk"] >= 1, "interface.decoder.chunk", "a positive integer",
-           d.get("chunk"))
+    chunk = d.get("chunk")
+    p.need(_is_int(chunk) and chunk >= 1, "interface.decoder.chunk", "a positive integer", chunk)
     for key in ("mask", "key"):
         p.need(isinstance(d.get(key), bool), f"interface.decoder.{key}", "true or false", d.get(key))
+    kind = d.get("kind", "self")
+    p.need(kind in ("self", "cross"), "interface.decoder.kind", "'self' or 'cross'", kind)
     steps = d.get("steps")
     if not p.need(isinstance(steps, list) and bool(steps), "interface.decoder.steps", "a non-empty list", steps):
         return
+    kinds = ("self",) if kind == "self" else ("cross", "fill")
+    seen: set[tuple[str, int, int]] = set()
     for i, step in enumerate(steps):
         w = f"interface.decoder.steps[{i}]"
         if not p.need(isinstance(step, dict), w, "an object", step):
             continue
-        p.need(isinstance(step.get("name"), str) and bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                                                   step.get("name", ""))),
-               f"{w}.name", "a function name", step.get("name"))
         for key in ("t", "length"):
             p.need(_is_int(step.get(key)) and step[key] >= 1, f"{w}.{key}", "a positive integer", step.get(key))
+        step_kind = step.get("kind", "self")
+        if not p.need(step_kind in kinds, f"{w}.kind", f"one of {', '.join(kinds)} (a {kind} decoder)", step_kind):
+            continue
+        t, length = step.get("t"), step.get("length")
+        expected = "cross_cache" if step_kind == "fill" else f"{'step' if step_kind == 'self' else 'cross'}_t{t}_l{length}"
+        p.need(step.get("name") == expected, f"{w}.name", f"{expected!r} (its kind, t and length)", step.get("name"))
         _sigs(p, step.get("inputs"), f"{w}.inputs", STEP_INPUT_NAMES)
         _sigs(p, step.get("outputs"), f"{w}.outputs", STEP_OUTPUT_NAMES)
+        if shape_ok:
+            p.need(_is_int(length) and length <= shape[2], f"{w}.length", f"at most the cache length {shape[2]}", length)
+            for sig in [*(step.get("inputs") or []), *(step.get("outputs") or [])]:
+                if isinstance(sig, dict) and sig.get("name") == "cache":
+                    p.need(sig.get("shape") == shape and sig.get("dtype") == d.get("dtype"), f"{w} cache",
+                           f"the cache_shape {shape} and dtype {d.get('dtype')}", [sig.get("shape"), sig.get("dtype")])
+                if isinstance(sig, dict) and sig.get("name") == "query":
+                    p.need(isinstance(sig.get("shape"), list) and sig["shape"][:2] == [shape[0], t],
+                           f"{w} query", f"(B, t) = ({shape[0]}, {t}) leading", sig.get("shape"))
+            names = {sig.get("name") for sig in step.get("inputs") or [] if isinstance(sig, dict)}
+            if step_kind != "fill":
+                p.need(("attention_mask" in names) == bool(d.get("mask")), f"{w}.inputs",
+                       f"a mask input exactly when interface.decoder.mask is {d.get('mask')}", sorted(names))
+            if step_kind != "cross":
+                p.need(("key" in names) == bool(d.get("key")), f"{w}.inputs",
+                       f"a key input exactly when interface.decoder.key is {d.get('key')}", sorted(names))
+        seen.add((step_kind, t, length))
+    if shape_ok and _is_int(chunk):
+        S = shape[2]
+        need = ([("self", 1, S)] + ([("self", chunk, S)] if chunk > 1 else []) if kind == "self"
+                else [("fill", S, S), ("cross", 1, S)] + ([("cross", chunk, S)] if chunk > 1 else []))
+        missing = [n for n in need if n not in seen]
+        p.need(not missing, "interface.decoder.steps", "steps covering every position (kind, t, length): "
+               f"{need}", f"missing {missing}")
 
 
 def read_manifest(bundle: str | Path) -> dict[str, Any]:

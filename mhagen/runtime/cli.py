@@ -157,24 +157,43 @@ def _bench(layer: Any, inputs: dict[str, np.ndarray] | None, repeats: int | None
 def _generate(layer: Any, arrays: dict[str, np.ndarray], steps: int, tokens: np.ndarray | None
               ) -> list[np.ndarray]:
     """Prefill the prompt, then `steps` single-token decode steps; returns [outputs (B, T0+steps, E),
-    the cache (B, 2, S, N, H)]."""
-    if "dropout_key" in arrays:
-        raise CallError("--decode takes no dropout_key (a decoder build does not train)")
-    if "attention_mask" in arrays:
-        raise CallError("--decode runs causally without a padding mask; drop --input attention_mask")
-    if tokens is not None and (tokens.ndim != 3 or tokens.shape[1] != steps):
-        raise CallError(f"--tokens has shape {tokens.shape}, expected (B, {steps}, E): one token per step")
-    out, cache = layer.prefill(arrays["query"], arrays["value"], arrays.get("key"))
+    the cache (B, 2, S, N, H)]. Cross-attention: the cache of the encoder output `value`, the
+    queries, then `steps` more queries over it."""
+    info = layer.interface.get("decoder")
+    if not info:
+        raise CallError("--decode needs a decoder bundle (a spec with [call] cache_max_length)")
+    for name, why in (("dropout_key", "a decoder build does not train"),
+                      ("attention_mask", "--decode runs without a padding mask")):
+        if name in arrays:
+            raise CallError(f"--decode takes no --input {name} ({why})")
+    cross = info.get("kind") == "cross"
+    if info.get("key") and not cross:
+        raise CallError("--decode cannot make key tokens for the steps of a spec with a separate key; "
+                        "drive its steps from Python (layer.decode(query, value, key, cache=...))")
+    query = arrays["query"]
+    B, _, S, _, _ = info["cache_shape"]
+    if query.ndim != 3:
+        raise CallError(f"`query` has shape {query.shape}, expected (B, T0, E)")
+    if not cross and query.shape[1] + steps > S:
+        raise CallError(f"a prompt of {query.shape[1]} tokens and {steps} steps need {query.shape[1] + steps} "
+                        f"cache positions; this build's cache holds {S} (cache_max_length)")
+    if tokens is not None and (tokens.ndim != 3 or tokens.shape[1] != steps or tokens.shape[0] != query.shape[0]
+                               or tokens.shape[2] != query.shape[2]):
+        raise CallError(f"--tokens has shape {tokens.shape}, expected ({query.shape[0]}, {steps}, {query.shape[2]}): "
+                        "one token per step, with the prompt's batch and features")
+    if tokens is not None and not np.issubdtype(tokens.dtype, np.floating):
+        raise CallError(f"--tokens has dtype {tokens.dtype}, expected floats")
+    out, cache = layer.prefill(query, arrays["value"], arrays.get("key"))
     outs = [out]
     token = out[:, -1:]
     for i in range(steps):
         if tokens is not None:
             token = tokens[:, i:i + 1]
-        elif token.shape[-1] != arrays["query"].shape[-1]:
+        elif token.shape[-1] != query.shape[-1]:
             raise CallError(f"--decode without --tokens feeds each output back as the next token, but "
-                            f"outputs have {token.shape[-1]} features and queries {arrays['query'].shape[-1]}; "
+                            f"outputs have {token.shape[-1]} features and queries {query.shape[-1]}; "
                             "give --tokens FILE.npy")
-        out, cache = layer.decode(token, token, cache=cache)
+        out, cache = layer.decode(token, cache=cache) if cross else layer.decode(token, token, cache=cache)
         outs.append(out)
         token = out
     return [np.concatenate(outs, axis=1), np.asarray(cache)]

@@ -112,7 +112,11 @@ class DecoderMixin:
         if info.get("kind") != "cross":
             raise CallError("cross_cache is for a cross-attention decoder build (value (B, S, D) with S = "
                             "cache_max_length, no causal mask); this one is self-attention")
-        fill = next(s for s in info["steps"] if s.get("kind") == "fill")
+        fill = next((s for s in info["steps"] if s.get("kind") == "fill"), None)
+        if fill is None:
+            raise CallError("this build has no cross_cache entry point (a corrupt interface)")
+        if key is not None and not info["key"]:
+            raise CallError("`key` was given, but the spec declares no key input (set [call] key)")
         args = []
         for sig in fill["inputs"]:
             raw = value if sig["name"] == "value" or key is None else key
@@ -143,41 +147,48 @@ class DecoderMixin:
         info = self._decoder_info()
         B, _, S, _, _ = info["cache_shape"]
         dtype = _np_dtype(info["dtype"])
+        if index is None and not isinstance(cache, KVCache) and cache is not None and info.get("kind") != "cross":
+            raise CallError("`index` is required with a cache given as an array: the position of the first "
+                            "new token (a KVCache knows its own, cache.length)")
         cache = self._as_cache(cache, info)
         if info.get("kind") == "cross":
             return self._cross(query, value, key, attention_mask, cache, index, info, dtype), cache
         if value is None:
             value = query
-        if index is None:
-            index = cache.length
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        if index is not None and (isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer))):
             raise CallError(f"`index` must be an int position in the cache, received {index!r}")
-        index = int(index)
         arrays = self._tokens(query, value, key, info, dtype)
         t = arrays["query"].shape[1]
-        if index < 0 or index + t > S:
-            raise CallError(f"{t} new token(s) at index {index} do not fit the cache length {S} "
-                            f"(positions 0..{S - 1})")
         mask = self._step_mask(attention_mask, info, t)
         steps = [s for s in info["steps"] if s.get("kind", "self") == "self"]
         chunk = info["chunk"]
         outs: list[np.ndarray] = []
         pos = 0
-        with cache._lock:
+        with cache._lock:     # the default index is read, checked and advanced under the same lock
+            index = cache.length if index is None else int(index)
+            if index < 0 or index + t > S:
+                raise CallError(f"{t} new token(s) at index {index} do not fit the cache length {S} "
+                                f"(positions 0..{S - 1})")
             while pos < t:
                 at = index + pos
                 size = chunk if (chunk > 1 and t - pos > 1 and at + chunk <= S) else 1
                 n = min(size, t - pos)
-                step = next(s for s in steps if s["t"] == size and s["length"] >= at + n)
+                step = next((s for s in steps if s["t"] == size and s["length"] >= at + n), None)
+                if step is None:
+                    raise CallError(f"this build has no step of {size} token(s) reading {at + n} positions "
+                                    "(a corrupt interface)")
                 outs.append(self._run_step(step, arrays, mask, pos, n, at, cache))
                 pos += n
             cache.length = index + t
         return np.concatenate(outs, axis=1), cache
 
-    def decoder(self) -> "Decoder":
+    def decoder(self, *, batch: int | None = None) -> "Decoder":
         """A context holding one cache and its position: `with layer.decoder() as d: d.prefill(x);
-        d.step(token)`."""
-        self._decoder_info()
+        d.step(token)`. `batch`, when given, must be the build's batch (the cache fixes it)."""
+        info = self._decoder_info()
+        if batch is not None and batch != info["cache_shape"][0]:
+            raise CallError(f"`batch` {batch} is not this build's batch {info['cache_shape'][0]}: a decoder "
+                            "build serves the batch of its spec's `query`")
         return Decoder(self)
 
     def _cross(self, query: Any, value: Any, key: Any, attention_mask: Any, cache: KVCache, index: Any,
@@ -187,6 +198,8 @@ class DecoderMixin:
                             "pass no value, key or index (make the cache with cross_cache(encoder_output))")
         B, _, S, _, _ = info["cache_shape"]
         steps = sorted((s for s in info["steps"] if s.get("kind") == "cross"), key=lambda s: -s["t"])
+        if not steps or steps[-1]["t"] != 1:
+            raise CallError("this build has no one-token cross step (a corrupt interface)")
         sig = {x["name"]: x for x in steps[-1]["inputs"]}["query"]
         q = np.asarray(query)
         want = tuple(sig["shape"])
@@ -222,7 +235,12 @@ class DecoderMixin:
         floating = np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
         if not floating:
             raise CallError(f"`cache` has dtype {array.dtype}, expected {info['dtype']}")
-        host = np.ascontiguousarray(array.astype(_np_dtype(info["dtype"])))
+        with np.errstate(over="ignore"):
+            host = np.ascontiguousarray(array.astype(_np_dtype(info["dtype"])))
+        overflow = np.isinf(host.astype(np.float32)) & np.isfinite(array.astype(np.float32))
+        if overflow.any():
+            where = tuple(int(i) for i in np.argwhere(overflow)[0])
+            raise CallError(f"`cache` holds {float(array[where]):g} at {where}, past the range of {info['dtype']}")
         return KVCache(self, self._device.to_device(host))
 
     def _tokens(self, query: Any, value: Any, key: Any, info: Mapping[str, Any], dtype: Any
@@ -315,15 +333,26 @@ class Decoder:
     def index(self) -> int:
         return 0 if self.cache is None else self.cache.length
 
+    @property
+    def _cross(self) -> bool:
+        return self.layer.interface["decoder"].get("kind") == "cross"
+
     def prefill(self, query: Any, value: Any = None, key: Any = None, attention_mask: Any = None) -> np.ndarray:
+        """Self-attention: the prompt (value defaults to it). Cross-attention: the first queries and
+        the encoder's output `value` (B, S, D), required."""
+        if value is None and self._cross:
+            raise CallError("a cross-attention decoder's prefill needs the encoder output: prefill(query, value)")
         out, self.cache = self.layer.prefill(query, query if value is None else value, key, attention_mask)
         return out
 
     def step(self, query: Any, value: Any = None, key: Any = None, attention_mask: Any = None) -> np.ndarray:
         if self.cache is None:
             raise CallError("call prefill(prompt) before step(tokens)")
-        out, _ = self.layer.decode(query, query if value is None else value, key, attention_mask,
-                                   cache=self.cache)
+        if self._cross:
+            out, _ = self.layer.decode(query, attention_mask=attention_mask, cache=self.cache)
+        else:
+            out, _ = self.layer.decode(query, query if value is None else value, key, attention_mask,
+                                       cache=self.cache)
         return out
 
     def __enter__(self) -> "Decoder":
