@@ -66,7 +66,7 @@ import numpy as np
 from . import __version__
 from . import runtime as _runtime
 from .budget import check as check_budget
-from .compile import check_dtype, compile_program, compiler_version, is_cached
+from .compile import check_supported, compile_program, compiler_version, is_cached
 from .errors import BundleError, MhagenError, TargetError, VerifyError, invalid
 from .progress import Steps
 from .program import render
@@ -536,7 +536,7 @@ def build_bundle(spec: Spec, targets: list[Target], out: str | Path, *, weights:
     if not target_names or len(set(target_names)) != len(target_names):
         raise invalid("targets", "one or more distinct target names", ",".join(target_names), cls=TargetError)
     for target in targets:
-        check_dtype(target, spec.call.dtype_policy.compute)
+        check_supported(target, spec)
     check_budget(spec, weights_mode=mode, verify=verify)  # trace steps and memory, before any work
     ws = normalize_weights(spec, weights)
     names = weight_names(spec)

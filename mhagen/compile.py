@@ -25,12 +25,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CompileError, MhagenError, TargetError
 from .runtime import host_cpu_features
 from .targets import Target, compile_flags, get_target, stated_flags
 
-__all__ = ["Compiled", "compile_program", "is_cached", "compiler_version", "cache_dir", "check_dtype"]
+__all__ = ["Compiled", "compile_program", "is_cached", "compiler_version", "cache_dir", "check_dtype",
+           "check_supported"]
 
 DEFAULT_TIMEOUT_S = 1200.0
 # A cache entry: the header `mhagen-cache-entry key:KEY sha256:DIGEST\n` (hex), then the module.
@@ -86,6 +88,20 @@ def check_dtype(target: Target, dtype: str) -> None:
         raise TargetError(f"Target `{target.name}` cannot compute in {dtype} on this machine: it needs "
                           f"the CPU feature(s) {', '.join(missing)}, which this CPU lacks; pick "
                           f"another dtype or a machine that has them")
+
+
+def check_supported(target: Target, spec: Any) -> None:
+    """Refuse, before compiling, what the target cannot compute: its dtypes (`check_dtype`), and
+    shapes whose code IREE 3.13 gets wrong for it."""
+    check_dtype(target, spec.call.dtype_policy.compute)
+    g = spec.geometry
+    if "spirv" in target.backend and g.key_dim == 1 and g.num_heads > 1:
+        # Found by `mhagen fuzz --seed 7`: with key_dim 1 and 2 or more heads, the SPIR-V code
+        # gives wrong outputs on both attention paths (|err| 0.01-2.5 on lavapipe, varying between
+        # runs, like reports/iree-spirv-reduction-transpose-race); key_dim 2, or one head, is exact.
+        raise TargetError(f"Target `{target.name}` cannot compute attention with key_dim 1 and "
+                          f"{g.num_heads} heads: IREE 3.13's SPIR-V code gets it wrong (|err| up to 2.5 "
+                          "on lavapipe); use key_dim >= 2, one head, or another target")
 
 
 def is_cached(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> bool:

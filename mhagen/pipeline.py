@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import check as check_budget
-from .compile import check_dtype, compile_program
+from .compile import check_supported, compile_program
 from .errors import TargetError
 from .runtime import CompiledLayer, parameter_index
 from .spec import Spec
@@ -48,7 +48,7 @@ def build(
     """
     spec = as_spec(spec)
     tgt = get_target(target)
-    check_dtype(tgt, spec.call.dtype_policy.compute)
+    check_supported(tgt, spec)
     avail = availability(tgt)
     if not avail.runs:     # e.g. a GPU profile whose subgroup size this device does not have
         raise TargetError(f"Target `{tgt.name}` cannot run on this machine: {avail.run_reason}; "

@@ -380,7 +380,7 @@ def decode_plan(spec: Spec) -> list[tuple[int, int]]:
 def check_decoder(layer: Any, spec: Spec, weights: Any, *, seed: int = 0) -> list[Comparison]:
     """Prefill then decode steps (`decode_plan`) on seeded tokens, each step's output and the final
     cache compared with the oracle's `reference_step` (in float64, from the same cache)."""
-    from .oracle import reference_cache, reference_step
+    from .oracle import reference_step
     from .weights import normalize_weights
 
     ws = normalize_weights(spec, weights)
@@ -452,7 +452,7 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
     passes only when it agrees with that output too, with the same tolerance.
     """
     from .budget import check as check_budget
-    from .compile import check_dtype, compile_program, is_cached
+    from .compile import check_supported, compile_program, is_cached
     from .errors import CompileError, MhagenError
     from .runtime import CompiledLayer, parameter_index
     from .targets import availability
@@ -470,7 +470,7 @@ def verify_matrix(spec: Spec, targets: list[Any], weights: Any = None, *, seed: 
         row = TargetResult(target.name)
         rows.append(row)
         try:
-            check_dtype(target, spec.call.dtype_policy.compute)
+            check_supported(target, spec)
             if on_progress:
                 on_progress(target.name, "reading the compile cache" if is_cached(program.text, target)
                             else f"compiling ({target.backend})")

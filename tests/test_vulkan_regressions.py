@@ -8,6 +8,9 @@ MLIR that showed it; the MLIR, inputs and outputs live in the upstream reports u
 - `reports/iree-spirv-reduction-transpose-race`: on every SPIR-V target, a reduction fused with a
   consumer that reads it transposed races on workgroup memory. The blocked attention path met it with
   the gate (|err| up to inf); `mhagen/trace.py` keeps the gate out of that dispatch.
+- `reports/iree-spirv-unit-head-dim` (found by `mhagen fuzz --seed 7`): with key_dim 1 and two or
+  more heads, SPIR-V code is wrong on both attention paths (|err| 0.01-2.5). Refused up front on
+  SPIR-V targets (`mhagen.compile.check_supported`).
 
 Modules are compiled once per session. Every layer runs twice, on different inputs: a race on
 workgroup memory may read what the previous run left there.
@@ -164,3 +167,25 @@ def test_reduced_transpose_race() -> None:
         expected = (scale * s).astype(np.float64).sum(-1).transpose(0, 2, 1)[..., None] * g
         wrong.append(not np.allclose(_run(vmfb, scale * s, g), expected))
     assert any(wrong), "IREE's SPIR-V no longer races here: the optimization barrier may go"
+
+
+@pytest.mark.parametrize("layer, call", [
+    ({"num_heads": 2, "key_dim": 1}, {"query": [1, 8, 2], "value": [1, 2, 1]}),
+    ({"num_heads": 2, "key_dim": 1}, {"query": [1, 2, 4, 2], "value": [1, 1, 2, 1]}),   # as the fuzzer shrank it
+    ({"num_heads": 3, "key_dim": 1, "value_dim": 2}, {"query": [1, 8, 2], "value": [1, 8, 1],
+                                                      "return_attention_scores": True}),
+], ids=["3d", "4d-shrunk", "scores"])
+def test_unit_head_dim_is_refused_on_spirv_and_right_elsewhere(layer, call) -> None:
+    from mhagen.compile import check_supported
+    from mhagen.errors import TargetError
+
+    spec = make_spec(layer, call)
+    for target in ("vulkan", "vulkan-ampere", "metal"):
+        with pytest.raises(TargetError, match="key_dim 1 and .* heads: IREE 3.13's SPIR-V code gets it wrong"):
+            check_supported(get_target(target), spec)
+    for target in ("cpu", "vmvx"):
+        assert mhagen.build(spec, target=target).verified
+    one_head = make_spec({**layer, "num_heads": 1}, call)
+    check_supported(get_target("vulkan"), one_head)          # one head of size 1 is computed right
+    if vulkan_available()[0]:
+        assert mhagen.build(one_head, target="vulkan").verified

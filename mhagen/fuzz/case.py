@@ -76,7 +76,7 @@ def run_case(spec_dict: dict[str, Any], target_name: str, seed: int) -> dict[str
     "cached", "run_seconds"}: "status" one of `STATUSES`; for a failure "kind" and, for a mismatch
     or runtime error, "call" (the index into `calls(spec)`) and the mismatch line in "message".
     """
-    from ..compile import check_dtype, compile_program
+    from ..compile import check_supported, compile_program
     from ..errors import CompileError, MhagenError, TargetError
     from ..runtime import CompiledLayer
     from ..targets import availability, get_target
@@ -88,7 +88,7 @@ def run_case(spec_dict: dict[str, Any], target_name: str, seed: int) -> dict[str
     spec = Spec.from_dict(spec_dict)
     try:
         target = get_target(target_name)
-        check_dtype(target, spec.call.dtype_policy.compute)
+        check_supported(target, spec)
     except TargetError as exc:          # documented, up-front refusals (dtype, CPU features)
         return {**out, "status": "refused", "message": str(exc)}
     try:
