@@ -522,6 +522,11 @@ def _executor(jobs: int | None, ray_address: str | None) -> Any:
     return _Pool(jobs or os.cpu_count() or 1)
 
 
+def check_executor(jobs: int | None, ray_address: str | None) -> None:
+    """Refuse, in one line, --jobs with --ray, --jobs < 1 and a malformed --ray address."""
+    _check_executor(jobs, ray_address)
+
+
 def _check_executor(jobs: int | None, ray_address: str | None) -> None:
     if jobs is not None and ray_address is not None:
         raise MhagenError("--jobs and --ray were both given; --jobs sizes the local pool, a Ray cluster "
@@ -533,9 +538,15 @@ def _check_executor(jobs: int | None, ray_address: str | None) -> None:
         _host_port(ray_address)
 
 
+def open_executor(jobs: int | None = None, ray_address: str | None = None) -> Any:
+    """A local process pool or a Ray connection for several `run_many` calls; `.close()` it after."""
+    return _executor(jobs, ray_address)
+
+
 def run_many(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *,
              resource_of: Callable[[tuple[Any, ...]], str | None] = lambda args: None,
-             jobs: int | None = None, ray_address: str | None = None) -> Iterator[tuple[int, Any]]:
+             jobs: int | None = None, ray_address: str | None = None,
+             executor: Any = None) -> Iterator[tuple[int, Any]]:
     """`fn(*args)` for every `args` of `calls`, on a local process pool (`jobs` workers) or the Ray
     cluster at `ray_address`: yields (index into `calls`, result) as each finishes; a call whose job
     raised (or was lost after every retry) yields the exception instead. `fn` must be a module-level
@@ -544,7 +555,7 @@ def run_many(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *,
         for i, result in run_many(run_case, [(spec, "vulkan", 0)], resource_of=lambda a: "vulkan"):
             ...
     """
-    ex = _executor(jobs, ray_address)
+    ex = executor or _executor(jobs, ray_address)
     try:
         pending = {ex.submit(fn, *args, resource=resource_of(args)): i for i, args in enumerate(calls)}
         while pending:
@@ -556,9 +567,11 @@ def run_many(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *,
                     result = exc
                 yield i, result
     except BaseException:
-        ex.close(cancel=True)
+        if executor is None:
+            ex.close(cancel=True)
         raise
-    ex.close()
+    if executor is None:
+        ex.close()
 
 
 def _drive(ex: Any, cases: list[SweepCase], targets: list[Any], seed: int,

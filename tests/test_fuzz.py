@@ -225,6 +225,10 @@ def test_run_writes_reports_and_is_deterministic(tmp_path: Path, capsys) -> None
     assert "| cpu | 2 | 0 | 0 | 0 |" in (tmp_path / "a" / "summary.md").read_text()
     # An earlier fuzz output may be reused as --out.
     assert main([*argv[:4], "1", "--seed", "1", "--out", str(tmp_path / "a")]) == 0
+    # The targets of each case on a local process pool (as on a Ray cluster): the same results.
+    assert main([*argv, "--jobs", "2", "--out", str(tmp_path / "c")]) == 0
+    c = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert _strip(c) == _strip(b)
 
 
 def test_calls_are_the_buckets_of_a_dynamic_spec() -> None:
@@ -256,6 +260,8 @@ def test_ctrl_c_writes_the_reports_and_exits_130(tmp_path: Path) -> None:
 @pytest.mark.parametrize("extra,needle", [
     (["--budget", "10x"], "--budget"), (["--budget", "0"], "--budget"), (["--budget", "-5m"], "--budget"),
     (["--cases", "0"], "--cases"), (["--shrink-budget", "soon"], "--shrink-budget"),
+    (["--jobs", "0"], "--jobs"), (["--jobs", "2", "--ray", "auto"], "--jobs and --ray"),
+    (["--ray", "nohost:notaport"], "--ray"),
     (["--job-timeout", "0"], "--job-timeout"), (["--job-timeout", "nan"], "--job-timeout"), (["--seed", "-1"], "--seed"), (["--shrink-tries", "-1"], "--shrink-tries"),
 ])
 def test_bad_arguments_are_refused(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:

@@ -74,7 +74,8 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
          max_cases: int | None = None, shrink_tries: int = DEFAULT_SHRINK_TRIES,
          shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
          job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
-         on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+         jobs: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
     """Draw cases from `seed` until `budget_s` is spent or `max_cases` ran (the case in flight, its
     shrinking included, is finished), check each on every target, shrink and write out each
     failure; write the reports into `out` and return the run (as results.json holds it).
@@ -82,6 +83,9 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
     `on_event(kind, data)` hears "case" (a case drawn: id, spec), "target" (a target about to run),
     "result" (every target ran: the case's dict), "shrink" (a failure being shrunk) and "failure"
     (one shrunk and written). Ctrl-C writes the reports of the finished cases and raises KeyboardInterrupt.
+
+    `jobs` (a local process pool) or `ray_address` (a Ray cluster, `mhagen.sweep`) runs a case's
+    targets in parallel, each where its device is; shrinking stays in this process's worker.
     """
     if budget_s is None and max_cases is None:
         raise MhagenError("fuzz needs a budget or a number of cases")
@@ -94,6 +98,11 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
                            "max_cases": max_cases, "dtypes": list(dtypes), "stopped": "", "seconds": 0.0,
                            "cases": [], "failures": []}
     start = time.monotonic()
+    elsewhere = None
+    if jobs is not None or ray_address is not None:
+        from ..sweep import open_executor
+
+        elsewhere = open_executor(jobs, ray_address)
     try:
         with Worker(timeout=job_timeout_s) as worker:
             while True:
@@ -108,9 +117,13 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
                 case = {"id": f"case-{len(run['cases']) + 1:04d}", "spec": spec.to_dict(), "seed": case_seed,
                         "results": {}}
                 emit("case", {**case, "describe": describe(spec)})
-                for name in names:
-                    emit("target", {"case": case["id"], "target": name})
-                    case["results"][name] = worker(run_case, case["spec"], name, case_seed)
+                if jobs is None and ray_address is None:
+                    for name in names:
+                        emit("target", {"case": case["id"], "target": name})
+                        case["results"][name] = worker(run_case, case["spec"], name, case_seed)
+                else:
+                    emit("target", {"case": case["id"], "target": ", ".join(names)})
+                    case["results"] = _run_elsewhere(case, names, elsewhere)
                 emit("result", case)
                 failures = [_shrink_and_write(worker, case, name, result, out, seed,
                                               (shrink_tries, shrink_seconds), emit)
@@ -122,10 +135,31 @@ def fuzz(targets: list[Any], *, seed: int, out: Path, budget_s: float | None = N
         run["seconds"] = round(time.monotonic() - start, 1)
         write_reports(out, run)
         raise
+    finally:
+        if elsewhere is not None:
+            elsewhere.close()
     run["seconds"] = round(time.monotonic() - start, 1)
     write_reports(out, run)
     run["summary"] = summarize(run)
     return run
+
+
+def _run_elsewhere(case: dict[str, Any], names: list[str], executor: Any) -> dict[str, dict[str, Any]]:
+    """A case's targets on a process pool or Ray (`mhagen.sweep.run_many`), in target order; a job
+    whose process died is a "crash" failure, as in the local worker."""
+    from ..sweep import resource_for, run_many
+    from ..targets import get_target
+
+    calls = [(case["spec"], name, case["seed"]) for name in names]
+    results: dict[str, dict[str, Any]] = {}
+    for i, result in run_many(run_case, calls, resource_of=lambda a: resource_for(get_target(a[1])),
+                              executor=executor):
+        if isinstance(result, BaseException):
+            result = {"target": names[i], "status": "failed", "kind": "crash",
+                      "message": (str(result).splitlines() or [type(result).__name__])[0][:300],
+                      "max_abs": None, "call": None, "compile_seconds": 0.0, "cached": False, "run_seconds": 0.0}
+        results[names[i]] = result
+    return {name: results[name] for name in names}
 
 
 def _shrink_and_write(worker: Worker, case: dict[str, Any], target: str, result: dict[str, Any], out: Path,
@@ -200,6 +234,9 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
         raise MhagenError(f"Received an invalid value for argument `--shrink-tries`, expected an "
                           f"integer >= 0. Received: --shrink-tries={args.shrink_tries}")
     shrink_seconds = parse_budget(args.shrink_budget, option="--shrink-budget")
+    from ..sweep import check_executor
+
+    check_executor(args.jobs, args.ray)
     if not args.job_timeout > 0:
         raise MhagenError(f"Received an invalid value for argument `--job-timeout`, expected a number of "
                           f"seconds > 0. Received: --job-timeout={args.job_timeout}")
@@ -230,7 +267,7 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
     with Steps(console) as steps:
         run = fuzz(targets, seed=args.seed, out=out, budget_s=budget, max_cases=args.cases,
                    shrink_tries=args.shrink_tries, shrink_seconds=shrink_seconds,
-                   job_timeout_s=args.job_timeout, on_event=on_event)
+                   job_timeout_s=args.job_timeout, on_event=on_event, jobs=args.jobs, ray_address=args.ray)
     table = Table(title=f"mhagen fuzz --seed {args.seed}: {len(run['cases'])} cases in "
                         f"{run['seconds'] / 60:.1f} min ({run['stopped']})")
     for col in ("target", "passed", "failed", "refused", "compiled, not run"):
@@ -268,4 +305,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT_S,
                    help=f"seconds one compile-and-run may take before it counts as a hang "
                    f"(default {DEFAULT_JOB_TIMEOUT_S:g})")
+    p.add_argument("--jobs", type=int, help="run each case's targets on a local pool of N processes")
+    p.add_argument("--ray", metavar="ADDRESS", help="run each case's targets on a Ray cluster (`auto`, HOST:PORT "
+                   "or ray://...): each on a node with its device's resource, as `mhagen verify --sweep --ray`")
     p.set_defaults(func=_cmd_fuzz)
