@@ -183,7 +183,7 @@ def test_decoder_context(built) -> None:
     (lambda layer, c: layer.decode(tokens(1, 0), tokens(1, 0), cache=c, index=1.5), "`index` must be an int"),
     (lambda layer, c: layer.decode(tokens(1, 0, 8), tokens(1, 0), cache=c), "expected (2, t, 16)"),
     (lambda layer, c: layer.decode(tokens(1, 0), tokens(2, 0), cache=c), "has 2 tokens"),
-    (lambda layer, c: layer.decode(tokens(1, 0), tokens(1, 0), cache=np.zeros((1, 2, S, 2, 8))),
+    (lambda layer, c: layer.decode(tokens(1, 0), tokens(1, 0), cache=np.zeros((1, 2, S, 2, 8)), index=0),
      "`cache` has shape (1, 2, 64, 2, 8)"),
     (lambda layer, c: layer.decode(tokens(1, 0), tokens(1, 0), cache=c, attention_mask=np.ones((B, 1, 5))),
      "expected (2, 1, 64)"),

@@ -55,7 +55,7 @@ def test_targets_table_fits_80_columns(monkeypatch, capsys) -> None:
     assert "description" in wide and "--json shows all" not in wide and _width(wide) <= 200
 
 
-def _fake_rows(spec, targets, weights=None, *, seed=0, on_progress=None):
+def _fake_rows(spec, targets, weights=None, *, seed=0, on_progress=None, reference=None):
     """verify_matrix as `--targets all` answers it on this machine, without compiling."""
     from mhagen.targets import availability
     from mhagen.verify import TargetResult, shape_checks
