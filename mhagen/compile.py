@@ -102,6 +102,13 @@ def check_supported(target: Target, spec: Any) -> None:
         raise TargetError(f"Target `{target.name}` cannot compute attention with key_dim 1 and "
                           f"{g.num_heads} heads: IREE 3.13's SPIR-V code gets it wrong (|err| up to 2.5 "
                           "on lavapipe); use key_dim >= 2, one head, or another target")
+    unit = min(g.num_heads * g.key_dim, g.num_heads * g.value_dim) == 1
+    if target.backend == "llvm-cpu" and spec.call.dtype_policy.compute == "bfloat16" and unit:
+        # Found by `mhagen fuzz --seed 7`: a bfloat16 projection onto one head of size 1 fails to
+        # compile ("Unable to resolve all strided buffer descriptors"); 2 heads, or size 2, compile.
+        raise TargetError(f"Target `{target.name}` cannot compile bfloat16 attention whose projections have "
+                          f"one output ({g.num_heads} head(s) x key_dim {g.key_dim} / value_dim {g.value_dim}): "
+                          "IREE 3.13's llvm-cpu fails on it; use float32, or more heads or a larger head size")
 
 
 def is_cached(text: str, target: Target | str, *, extra_flags: list[str] | None = None) -> bool:

@@ -101,3 +101,22 @@ def test_half_precision_inputs_are_cast() -> None:
     assert out.dtype == np.float16
     with pytest.raises(mhagen.CallError, match="`query` has dtype int32, expected float16"):
         layer(inputs["query"].astype(np.int32), inputs["value"])
+
+
+@pytest.mark.parametrize("layer", [{"num_heads": 1, "key_dim": 1}, {"num_heads": 1, "key_dim": 2, "value_dim": 1}],
+                         ids=["key_dim-1", "value_dim-1"])
+def test_bfloat16_unit_projection_is_refused_on_llvm_cpu(layer) -> None:
+    """reports/iree-llvmcpu-bf16-unit-projection (found by `mhagen fuzz --seed 7`): IREE 3.13's llvm-cpu
+    fails to compile a bfloat16 projection onto one head of size 1; refused up front, float32 builds."""
+    from mhagen.compile import check_supported
+    from mhagen.errors import TargetError
+    from mhagen.targets import get_target
+
+    call = {"query": [1, 1, 8], "value": [1, 2, 8]}
+    for dtype in ("bfloat16", "mixed_bfloat16"):
+        spec = mhagen.Spec.from_dict({"layer": layer, "call": {**call, "dtype": dtype}})
+        with pytest.raises(TargetError, match="cannot compile bfloat16 attention whose projections have one output"):
+            check_supported(get_target("cpu"), spec)
+    assert mhagen.build(mhagen.Spec.from_dict({"layer": layer, "call": call}), target="cpu").verified
+    two_heads = mhagen.Spec.from_dict({"layer": {**layer, "num_heads": 2}, "call": {**call, "dtype": "bfloat16"}})
+    check_supported(get_target("cpu"), two_heads)
