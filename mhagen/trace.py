@@ -220,11 +220,12 @@ def forward(
                                       jnp.zeros_like(probs))
             context = jnp.einsum(combine_eq, used, v)
         if layer.use_gate:
-            if blocked:
-                # Keep the gate out of the dispatch that sums the softmax denominators: IREE 3.13's
-                # SPIR-V code reads them there, transposed, across invocations without a barrier
-                # (reports/iree-spirv-reduction-transpose-race).
-                context = jax.lax.optimization_barrier(context)
+            # Keep the gate out of the dispatch that sums the softmax denominators (blocked path)
+            # or the context (Keras' path): IREE 3.13's SPIR-V code reads them there, transposed,
+            # across invocations without a barrier (reports/iree-spirv-reduction-transpose-race; on
+            # Keras' path `mhagen fuzz --seed 7` found it with 5-D inputs and three attention axes,
+            # |err| 1.2 on lavapipe).
+            context = jax.lax.optimization_barrier(context)
             context = context * jax.nn.sigmoid(dense(query, "gate", qkv_eq))
         out = dense(context, "attention_output", out_eq)
         if spec.call.return_attention_scores:

@@ -48,6 +48,9 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                    {"query": [2, 6, 8], "value": [2, 6, 8], "use_causal_mask": True}),
     "gate/cross_no_bias": ({"num_heads": 2, "key_dim": 4, "use_gate": True, "use_bias": False, "value_dim": 3},
                            {"query": [2, 5, 8], "value": [2, 7, 6]}),
+    # Keras' einsum path (5-D, three attention axes) met the same race with the gate (`mhagen fuzz --seed 7`).
+    "gate/keras_path_5d": ({"num_heads": 1, "key_dim": 8, "attention_axes": [1, -3, 3], "use_gate": True},
+                           {"query": [1, 2, 4, 1, 12], "value": [1, 1, 3, 1, 7]}),
 }
 
 
