@@ -42,6 +42,16 @@ def tf_keras() -> Any:
     return pytest.importorskip("tf_keras", reason="tf_keras (tf.keras 2.x) is not installed")
 
 
+def _tf_keras_masked_model(k: Any, path: Path) -> Any:
+    """A tf.keras model calling one MultiHeadAttention `mha` with a mask input, saved as `path`."""
+    q, v, m = k.Input((6, 16)), k.Input((4, 16)), k.Input((6, 4))
+    mha = k.layers.MultiHeadAttention(2, 4, name="mha")
+    model = k.Model([q, v, m], mha(q, v, attention_mask=m))
+    _seed_all([mha], 6)
+    model.save(path)
+    return model
+
+
 def _seed_all(layers: list[Any], seed: int) -> None:
     """Distinct random weights per layer, so reading a neighbour's weights cannot pass."""
     rng = np.random.default_rng(seed)
@@ -382,12 +392,7 @@ def test_tf_keras_fully_masked_row_follows_keras2(tf_keras: Any, tmp_path: Path,
     from mhagen.blocked import choose_path
     from mhagen.oracle import reference
 
-    k = tf_keras
-    q, v, m = k.Input((6, 16)), k.Input((4, 16)), k.Input((6, 4))
-    mha = k.layers.MultiHeadAttention(2, 4, name="mha")
-    model = k.Model([q, v, m], mha(q, v, attention_mask=m))
-    _seed_all([mha], 6)
-    model.save(tmp_path / "m.h5")
+    model = _tf_keras_masked_model(tf_keras, tmp_path / "m.h5")
     assert _import(tmp_path / "m.h5", tmp_path / "s.toml") == 0
     assert 'masking = "keras2"' in capsys.readouterr().out
     spec = mhagen.Spec.load(tmp_path / "s.toml")
@@ -680,12 +685,7 @@ def test_conformance_tf_keras_fully_masked_rows(tf_keras: Any, tmp_path: Path) -
     on every target; the reference is the model's output on a mask with such rows."""
     from mhagen.verify import SourceReference
 
-    k = tf_keras
-    q, v, m = k.Input((6, 16)), k.Input((4, 16)), k.Input((6, 4))
-    mha = k.layers.MultiHeadAttention(2, 4, name="mha")
-    model = k.Model([q, v, m], mha(q, v, attention_mask=m))
-    _seed_all([mha], 6)
-    model.save(tmp_path / "m.h5")
+    model = _tf_keras_masked_model(tf_keras, tmp_path / "m.h5")
     _imported("tf_keras mask input (keras2 masking)", "tf_keras .h5", tmp_path / "m.h5", tmp_path / "s.toml",
               lambda x: model([x["query"], x["value"], x["attention_mask"].astype(np.float32)]).numpy(),
               *SHAPES, "2,4,16")

@@ -267,7 +267,9 @@ class DecoderMixin:
             if t is not None and array.shape[1] != t:
                 raise CallError(f"`{name}` has {array.shape[1]} tokens, but `query` has {t}")
             t = array.shape[1]
-            out[name] = array.astype(dtype)
+            # The same tokens as query and value (self-attention) stay one array, sent once a step.
+            same = next((out[n] for n, r in given.items() if n in out and r is raw), None)
+            out[name] = same if same is not None else array.astype(dtype)
         return out
 
     @staticmethod
@@ -293,13 +295,16 @@ class DecoderMixin:
         size = step["t"]
         device = self._device
         args = []
+        sent: dict[int, Any] = {}
         for sig in step["inputs"]:
             name, shape = sig["name"], tuple(sig["shape"])
             if name in arrays:
-                rows = arrays[name][:, pos:pos + n]
-                if n < size:
-                    rows = np.pad(rows, [(0, 0), (0, size - n), (0, 0)])
-                args.append(device.to_device(np.ascontiguousarray(rows)))
+                if id(arrays[name]) not in sent:
+                    rows = arrays[name][:, pos:pos + n]
+                    if n < size:
+                        rows = np.pad(rows, [(0, 0), (0, size - n), (0, 0)])
+                    sent[id(arrays[name])] = device.to_device(np.ascontiguousarray(rows))
+                args.append(sent[id(arrays[name])])
             elif name == "attention_mask":
                 rows = np.ones(shape, np.int32)
                 if mask is not None:
